@@ -1,0 +1,75 @@
+"""Core micro-benchmark: µs added per statement by querywatch inside a `watch()`.
+
+`conn.execute(select(...))` on in-memory SQLite, bare engine versus instrumented engine, measured
+interleaved in one process (rounds alternate, best-of per side) so machine drift cancels.
+
+    python benchmarks/micro_core.py [--statements 2000] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import sqlalchemy as sa
+
+import querywatch
+
+
+def build() -> tuple[sa.Engine, sa.Table]:
+    engine = sa.create_engine("sqlite://")
+    meta = sa.MetaData()
+    table = sa.Table("t", meta, sa.Column("id", sa.Integer, primary_key=True), sa.Column("x", sa.Text))
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "x": f"row {i}"} for i in range(100)])
+    return engine, table
+
+
+def run(engine: sa.Engine, table: sa.Table, n: int, watched: bool) -> float:
+    stmt = sa.select(table.c.id, table.c.x).where(table.c.id == sa.bindparam("i"))
+    with engine.connect() as conn:
+        conn.execute(stmt, {"i": 1}).all()
+        gc.disable()
+        try:
+            if watched:
+                with querywatch.watch("bench"):
+                    t0 = time.perf_counter()
+                    for i in range(n):
+                        conn.execute(stmt, {"i": i % 100}).all()
+                    elapsed = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                for i in range(n):
+                    conn.execute(stmt, {"i": i % 100}).all()
+                elapsed = time.perf_counter() - t0
+        finally:
+            gc.enable()
+    return elapsed / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--statements", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    bare_engine, table = build()
+    watched_engine, table2 = build()
+    querywatch.instrument(watched_engine)
+    bare: list[float] = []
+    watched: list[float] = []
+    for _ in range(args.rounds):
+        bare.append(run(bare_engine, table, args.statements, False))
+        watched.append(run(watched_engine, table2, args.statements, True))
+    b, w = min(bare), min(watched)
+    mb, mw = statistics.median(bare), statistics.median(watched)
+    print(f"SQLAlchemy {sa.__version__}, {args.rounds} interleaved rounds x {args.statements} statements")
+    print(f"bare         best {b * 1e6:7.2f} µs/stmt   median {mb * 1e6:7.2f}")
+    print(f"querywatch   best {w * 1e6:7.2f} µs/stmt   median {mw * 1e6:7.2f}")
+    print(f"added        best {(w - b) * 1e6:+.2f} µs/stmt   median {(mw - mb) * 1e6:+.2f} µs/stmt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Find the line of user code that caused a statement: the first frame that is not library code.
+
+Whether a code object is library code is decided once and cached per code object, so a capture
+costs a short frame walk. Under SQLAlchemy's asyncio extension the statement runs in a greenlet
+whose frames end at the greenlet's start; the walk then continues in the parent greenlet (the
+asyncio task), where the user's coroutine awaits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from types import CodeType, FrameType
+
+_LIBRARY_PACKAGES = (
+    "sqlalchemy",
+    "querywatch",
+    "starlette",
+    "fastapi",
+    "anyio",
+    "asyncio",
+    "pydantic",
+    "pydantic_core",
+    "greenlet",
+    "structlog",
+    "prometheus_client",
+    "httpx",
+    "uvicorn",
+    "concurrent",
+    "_pytest",
+    "pluggy",
+    "pytest_asyncio",
+)
+_MAX_CACHED_CODES = 20_000
+_MAX_DEPTH = 200
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_library_prefixes: tuple[str, ...] = tuple(
+    sorted(
+        {
+            os.path.normcase(os.path.realpath(path)) + os.sep
+            for key in ("stdlib", "platstdlib", "purelib", "platlib")
+            if (path := sysconfig.get_paths().get(key))
+        }
+        | {os.path.normcase(_here) + os.sep}
+    )
+)
+
+_is_library_code: dict[CodeType, bool] = {}
+_display_names: dict[str, str] = {}
+_root = os.getcwd()
+
+
+def set_project_root(root: str | None) -> None:
+    """Show call sites relative to `root` (default: the working directory at import)."""
+    global _root
+    _root = os.path.abspath(root) if root else os.getcwd()
+    _display_names.clear()
+
+
+def _library(code: CodeType) -> bool:
+    filename = code.co_filename
+    if filename.startswith("<"):
+        return True  # frozen modules, exec()'d and generated code (dataclass __init__ ...)
+    normalized = os.path.normcase(filename)
+    if "site-packages" in normalized or "dist-packages" in normalized:
+        return True
+    if normalized.startswith(_library_prefixes):
+        # The venv's site-packages are under purelib; the project itself never is, unless it
+        # lives inside the interpreter's prefix, which we then cannot tell apart.
+        return True
+    parts = normalized.replace("\\", "/").split("/")
+    return any(part in _LIBRARY_PACKAGES for part in parts[-4:-1])
+
+
+def _display(filename: str) -> str:
+    name = _display_names.get(filename)
+    if name is None:
+        try:
+            relative = os.path.relpath(filename, _root)
+        except ValueError:  # another drive on Windows
+            relative = filename
+        name = filename if relative.startswith("..") else relative.replace(os.sep, "/")
+        if len(_display_names) < _MAX_CACHED_CODES:
+            _display_names[filename] = name
+    return name
+
+
+def user_frame(frame: FrameType | None) -> FrameType | None:
+    """The first non-library frame from `frame` outwards, following greenlets to their parent."""
+    depth = 0
+    cache = _is_library_code
+    followed_parent = False
+    while True:
+        while frame is not None and depth < _MAX_DEPTH:
+            code = frame.f_code
+            library = cache.get(code)
+            if library is None:
+                library = _library(code)
+                if len(cache) < _MAX_CACHED_CODES:
+                    cache[code] = library
+            if not library:
+                return frame
+            frame = frame.f_back
+            depth += 1
+        greenlet_module = sys.modules.get("greenlet")
+        if followed_parent or greenlet_module is None or depth >= _MAX_DEPTH:
+            return None
+        parent = greenlet_module.getcurrent().parent
+        if parent is None:
+            return None
+        frame = parent.gr_frame
+        followed_parent = True
+
+
+def format_frame(frame: FrameType) -> str:
+    """`path/to/file.py:LINE in function`, the path relative to the project root."""
+    return f"{_display(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+def capture(skip: int = 1) -> str | None:
+    """The call site of the caller's caller's user code, or None when there is none."""
+    frame = user_frame(sys._getframe(skip + 1))
+    return format_frame(frame) if frame is not None else None

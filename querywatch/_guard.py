@@ -1,0 +1,102 @@
+"""The one guard around every hook querywatch runs inside the host application.
+
+An exception raised by querywatch's own code is logged (at most once per component per
+interval), counted, handed to subscribers (the Prometheus reporter counts it as
+`querywatch_internal_errors_total{component}`) and swallowed. Our own test suite flips
+`raise_internal_errors` so that our bugs fail our tests instead of hiding.
+
+Hot listeners use ``try: ... except Exception as exc: internal_error("engine", exc)`` inline (a
+context manager costs a microsecond per call); everything else uses ``with guard("component"):``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger("querywatch")
+
+#: Set to True by querywatch's own test suite: internal errors are re-raised, never swallowed.
+raise_internal_errors = False
+
+#: Components in which `maybe_fail` raises: the fault-injection switch of the safety tests.
+injected_faults: frozenset[str] = frozenset()
+
+LOG_INTERVAL_SECONDS = 60.0
+
+_lock = threading.Lock()
+_counts: dict[str, int] = {}
+_last_logged: dict[str, float] = {}
+_suppressed: dict[str, int] = {}
+_subscribers: list[Callable[[str], None]] = []
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `maybe_fail` in a component named in `injected_faults`."""
+
+
+def internal_error(component: str, exc: BaseException) -> None:
+    """Record an internal error of `component`; re-raise only when our tests asked for it."""
+    with _lock:
+        _counts[component] = _counts.get(component, 0) + 1
+        now = time.monotonic()
+        last = _last_logged.get(component)
+        should_log = last is None or now - last >= LOG_INTERVAL_SECONDS
+        if should_log:
+            _last_logged[component] = now
+            suppressed = _suppressed.pop(component, 0)
+        else:
+            _suppressed[component] = _suppressed.get(component, 0) + 1
+    if should_log:
+        try:
+            logger.error(
+                "querywatch internal error in %s (%d similar errors suppressed since the last "
+                "report); the application is unaffected",
+                component,
+                suppressed,
+                exc_info=exc,
+            )
+        except Exception:  # pragma: no cover - a broken logging config must not break the app
+            pass
+    for subscriber in tuple(_subscribers):
+        try:
+            subscriber(component)
+        except Exception:  # pragma: no cover - a subscriber failing is not worth more noise
+            pass
+    if raise_internal_errors and not isinstance(exc, InjectedFault):
+        raise exc
+
+
+@contextmanager
+def guard(component: str) -> Iterator[None]:
+    """Run the block; an exception in it is an internal error of `component`."""
+    try:
+        yield
+    except Exception as exc:
+        internal_error(component, exc)
+
+
+def maybe_fail(component: str) -> None:
+    """Raise `InjectedFault` when the safety tests inject a fault into `component`."""
+    if component in injected_faults:
+        raise InjectedFault(f"injected fault in {component}")
+
+
+def subscribe(callback: Callable[[str], None]) -> Callable[[], None]:
+    """Call `callback(component)` on every internal error; returns the unsubscribe function."""
+    _subscribers.append(callback)
+
+    def unsubscribe() -> None:
+        if callback in _subscribers:
+            _subscribers.remove(callback)
+
+    return unsubscribe
+
+
+def internal_error_counts() -> dict[str, int]:
+    """Internal errors counted so far in this process, by component."""
+    with _lock:
+        return dict(_counts)

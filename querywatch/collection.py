@@ -1,0 +1,586 @@
+"""Units of work: the collector that SQLAlchemy's events record into, `watch()`, and the `Report`.
+
+Data flows one way. Listeners record into the collector of the current unit of work (a
+ContextVar, default `None`, set and reset only by `watch()` and the middleware). When the unit
+ends, the detectors turn what was recorded into findings, the report is frozen, and the
+reporters (structlog, Prometheus) receive it.
+
+Nesting: a unit opened inside another is its own unit. Everything it records also counts in
+every enclosing unit (a request's statement count includes the job it ran inline, and a test's
+report includes the requests it made), while each finding is *reported* (logged, counted in
+metrics) once, by the innermost unit that found it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from bisect import bisect_left
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from querywatch import _guard
+from querywatch.exceptions import NPlusOneDetected
+from querywatch.findings import (
+    BulkWriteFinding,
+    ConnectionLeakFinding,
+    DuplicateQueryFinding,
+    Finding,
+    LazyLoadAfterCloseFinding,
+    NPlusOneFinding,
+)
+from querywatch.fingerprinting import _cache as _fingerprint_cache
+from querywatch.fingerprinting import fingerprint_and_operation
+from querywatch.settings import DEFAULT_SETTINGS, Mode, Settings
+
+__all__ = ["Collector", "PoolReport", "Query", "Report", "current_report", "watch"]
+
+#: Upper bounds of `querywatch_db_statement_duration_seconds`, in seconds.
+STATEMENT_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+#: Statements buffered by the hot path before they are folded into the shapes.
+FOLD_EVERY = 256
+#: Call site placeholder of a sampled-out repeat: "the last site this shape was seen at".
+_SAME_SITE = "\x00same"
+
+#: Distinct parameter sets remembered per statement shape (for duplicate detection).
+MAX_PARAMETER_KEYS = 1024
+#: Distinct call sites remembered per statement shape.
+MAX_CALLSITES = 64
+#: Durations kept of statements whose shape was first seen on another engine.
+MAX_OTHER_POOL_DURATIONS = 1024
+
+_current: ContextVar[Collector | None] = ContextVar("querywatch_collector", default=None)
+
+_settings = DEFAULT_SETTINGS
+_reporters: list[Callable[[Report], None]] = []
+
+
+def configure(settings: Settings) -> None:
+    """Make `settings` the default of every unit of work opened from now on."""
+    global _settings
+    if not isinstance(settings, Settings):
+        raise TypeError(f"configure() takes a querywatch.Settings, got {type(settings).__name__}")
+    from querywatch import _callsite, fingerprinting
+
+    _settings = settings
+    fingerprinting.configure_cache(settings.fingerprint_cache_size)
+    _callsite.set_project_root(settings.project_root)
+
+
+def default_settings() -> Settings:
+    """The settings a unit of work gets when it is given none."""
+    return _settings
+
+
+def add_reporter(reporter: Callable[[Report], None]) -> Callable[[], None]:
+    """Call `reporter(report)` for every finished unit of work; returns the removal function."""
+    _reporters.append(reporter)
+
+    def remove() -> None:
+        if reporter in _reporters:
+            _reporters.remove(reporter)
+
+    return remove
+
+
+@dataclass(frozen=True)
+class Query:
+    """One statement kept on the report (up to `Settings.max_queries` per unit of work)."""
+
+    fingerprint: str
+    operation: str
+    seconds: float
+    pool: str
+
+
+class Site:
+    """Executions of one statement shape from one call site."""
+
+    __slots__ = ("count", "parameter_keys", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.parameter_keys: set[int] = set()
+
+
+class Shape:
+    """What one unit of work executed of one statement shape."""
+
+    __slots__ = (
+        "buckets",
+        "count",
+        "duplicate_sites",
+        "fingerprint",
+        "last_site",
+        "operation",
+        "parameter_counts",
+        "pool",
+        "seconds",
+        "sites",
+    )
+
+    def __init__(self, fingerprint: str, operation: str, pool: str) -> None:
+        self.fingerprint = fingerprint
+        self.operation = operation
+        self.pool = pool
+        self.count = 0
+        self.seconds = 0.0
+        #: executions of the innermost unit per bucket of STATEMENT_BUCKETS (+Inf last)
+        self.buckets = [0] * (len(STATEMENT_BUCKETS) + 1)
+        #: hash of the parameters -> executions; values themselves are never kept.
+        self.parameter_counts: dict[int, int] = {}
+        #: hash of the parameters -> the call site where it was first repeated.
+        self.duplicate_sites: dict[int, str | None] = {}
+        #: call site -> executions there. The first execution of a shape is not walked for its
+        #: call site (most shapes run once); it is credited to the site of the second.
+        self.sites: dict[str | None, Site] = {}
+        self.last_site: str | None = None
+
+    def add(
+        self,
+        seconds: float,
+        key: int | None,
+        pool: str,
+        callsite: str | None,
+        innermost: Collector | None,
+    ) -> None:
+        count = self.count = self.count + 1
+        self.seconds += seconds
+        if innermost is not None:
+            # Durations feed the statement histogram once, from the innermost unit.
+            if pool == self.pool:
+                self.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
+            elif len(innermost.other_pool_durations) < MAX_OTHER_POOL_DURATIONS:
+                innermost.other_pool_durations.append((pool, self.operation, seconds))
+        if callsite == _SAME_SITE:
+            callsite = self.last_site
+        sites = self.sites
+        site = sites.get(callsite)
+        if site is None:
+            first = sites.pop(None, None) if count == 2 else None
+            if len(sites) >= MAX_CALLSITES:
+                return
+            site = sites[callsite] = Site()
+            if first is not None:
+                # The first execution of a shape is not walked: credit it to the second's site.
+                site.count = first.count
+                site.seconds = first.seconds
+                site.parameter_keys = first.parameter_keys
+        site.count += 1
+        site.seconds += seconds
+        if count > 1:
+            self.last_site = callsite
+        if key is not None:
+            if len(site.parameter_keys) < MAX_PARAMETER_KEYS:
+                site.parameter_keys.add(key)
+            counts = self.parameter_counts
+            seen = counts.get(key)
+            if seen is not None:
+                counts[key] = seen + 1
+                if seen == 1:
+                    self.duplicate_sites[key] = callsite
+            elif len(counts) < MAX_PARAMETER_KEYS:
+                counts[key] = 1
+
+
+class LazyGroup:
+    """Lazy loads of one relationship (or expired attributes of one model) from one call site."""
+
+    __slots__ = ("count", "fingerprint", "parents", "pattern", "phases", "seconds", "subject")
+
+    def __init__(self, subject: str, pattern: str) -> None:
+        self.subject = subject
+        self.pattern = pattern
+        self.count = 0
+        self.seconds = 0.0
+        self.fingerprint = ""
+        self.parents: set[int] = set()
+        self.phases: dict[str, int] = {}
+
+
+class PoolUsage:
+    """Connection-pool activity of one unit of work."""
+
+    __slots__ = ("checkouts", "held", "leaked", "max_held", "timeouts", "wait_seconds")
+
+    def __init__(self) -> None:
+        self.checkouts = 0
+        self.wait_seconds = 0.0
+        self.timeouts = 0
+        self.max_held = 0
+        #: id(connection record) -> (pool name, checkout time, call site or None)
+        self.held: dict[int, tuple[str, float, str | None]] = {}
+        self.leaked: list[ConnectionLeakFinding] = []
+
+
+@dataclass(frozen=True)
+class PoolReport:
+    """The pool figures of a unit of work."""
+
+    checkouts: int
+    wait_seconds: float
+    timeouts: int
+    max_held: int
+    leaked: int
+
+
+class Collector:
+    """The mutable record of one unit of work. Listeners write; nobody else reads until it ends."""
+
+    __slots__ = (
+        "__weakref__",
+        "active",
+        "after_close",
+        "chain",
+        "db_seconds",
+        "failed_statements",
+        "findings",
+        "finished",
+        "http",
+        "kind",
+        "lazy",
+        "max_queries",
+        "max_shapes",
+        "name",
+        "nested_finding_ids",
+        "other_pool_durations",
+        "parent",
+        "pending",
+        "phase",
+        "pool",
+        "queries",
+        "report",
+        "seen",
+        "settings",
+        "shapes",
+        "started",
+        "statements",
+        "untracked_statements",
+    )  # fmt: skip
+
+    def __init__(
+        self, name: str, settings: Settings, parent: Collector | None, kind: str = "job"
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.settings = settings
+        self.parent = parent
+        self.chain: tuple[Collector, ...] = (self, *parent.chain) if parent else (self,)
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        #: Recording: enabled by the settings and not yet finished. The hot path reads only this.
+        self.active = settings.enabled
+        self.max_queries = settings.max_queries
+        self.max_shapes = settings.max_shapes
+        self.statements = 0
+        self.failed_statements = 0
+        self.db_seconds = 0.0
+        #: (fingerprint, operation, seconds, pool) of the first `max_queries` statements
+        self.queries: list[tuple[str, str, float, str]] = []
+        #: Statements not folded yet: (statement, seconds, parameter hash, pool, call site).
+        self.pending: list[tuple[str, float, int | None, str, str | None]] = []
+        #: statement string -> executions, for the hot path's call-site decision only
+        self.seen: dict[str, int] = {}
+        self.shapes: dict[str, Shape] = {}
+        self.untracked_statements = 0
+        self.lazy: dict[tuple[str, str | None], LazyGroup] = {}
+        self.after_close: list[LazyLoadAfterCloseFinding] = []
+        self.pool = PoolUsage()
+        #: (pool, operation, seconds) of statements whose shape was first seen on another pool
+        self.other_pool_durations: list[tuple[str, str, float]] = []
+        self.phase = "handler"
+        self.http: dict[str, Any] | None = None
+        self.findings: tuple[Finding, ...] | None = None
+        self.nested_finding_ids: set[str] = set()
+        self.report = Report(self)
+
+    @property
+    def closed(self) -> bool:
+        return self.finished is not None
+
+    def fold(self) -> None:
+        """Fold the buffered statements into shapes, sites and parameter counts, here and in
+        every enclosing unit. Called by the hot path every `FOLD_EVERY` statements, and before
+        anything reads the shapes."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        cache = _fingerprint_cache
+        for c in self.chain:
+            innermost = c is self
+            if not innermost:
+                c.statements += len(pending)
+                c.db_seconds += sum(entry[1] for entry in pending)
+            shapes = c.shapes
+            queries = c.queries
+            for statement, seconds, key, pool, callsite in pending:
+                cached = cache.get(statement)
+                fingerprint, operation = (
+                    cached if cached is not None else fingerprint_and_operation(statement)
+                )
+                if len(queries) < c.max_queries:
+                    queries.append((fingerprint, operation, seconds, pool))
+                shape = shapes.get(fingerprint)
+                if shape is None:
+                    if len(shapes) >= c.max_shapes:
+                        c.untracked_statements += 1
+                        continue
+                    shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
+                shape.add(seconds, key, pool, callsite, c if innermost else None)
+
+
+class Report:
+    """What a unit of work did. Figures read inside the unit are the figures so far; they are
+    final once it has ended, and findings exist only then."""
+
+    __slots__ = ("_c",)
+
+    def __init__(self, collector: Collector) -> None:
+        self._c = collector
+
+    def __repr__(self) -> str:
+        c = self._c
+        state = "final" if c.closed else "open"
+        return (
+            f"<querywatch.Report {c.name!r} {state}: {c.statements} statements, "
+            f"{c.db_seconds * 1000:.1f} ms, {len(self.findings)} findings>"
+        )
+
+    @property
+    def name(self) -> str:
+        """The unit of work's name: the `watch()` name, or `METHOD /route` for a request."""
+        return self._c.name
+
+    @property
+    def kind(self) -> str:
+        """`request` for HTTP requests, `job` for `watch()` units, `test` for the pytest plugin."""
+        return self._c.kind
+
+    @property
+    def final(self) -> bool:
+        """True once the unit of work has ended."""
+        return self._c.closed
+
+    @property
+    def statements(self) -> int:
+        """SQL statements executed (an `executemany` batch counts once), exact."""
+        return self._c.statements
+
+    @property
+    def failed_statements(self) -> int:
+        """Statements that raised a database error (included in `statements`)."""
+        return self._c.failed_statements
+
+    @property
+    def db_seconds(self) -> float:
+        """Time spent in the database driver executing statements."""
+        return self._c.db_seconds
+
+    @property
+    def duration_seconds(self) -> float:
+        """Wall time of the unit of work (so far, while it is open)."""
+        c = self._c
+        end = c.finished if c.finished is not None else time.perf_counter()
+        return end - c.started
+
+    @property
+    def queries(self) -> tuple[Query, ...]:
+        """The first `Settings.max_queries` statements, in order."""
+        self._c.fold()
+        return tuple(Query(*query) for query in self._c.queries)
+
+    @property
+    def fingerprints(self) -> dict[str, int]:
+        """Executions per statement shape (shapes beyond `Settings.max_shapes` are not listed)."""
+        self._c.fold()
+        return {fp: shape.count for fp, shape in self._c.shapes.items()}
+
+    @property
+    def pool(self) -> PoolReport:
+        """Connection-pool figures: checkouts, wait, timeouts, most held at once, leaks."""
+        usage = self._c.pool
+        return PoolReport(
+            checkouts=usage.checkouts,
+            wait_seconds=usage.wait_seconds,
+            timeouts=usage.timeouts,
+            max_held=usage.max_held,
+            leaked=len(usage.leaked),
+        )
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        """Every finding, once the unit of work has ended (empty before)."""
+        return self._c.findings or ()
+
+    def _of(self, cls: type[Finding]) -> tuple[Any, ...]:
+        return tuple(f for f in self.findings if isinstance(f, cls))
+
+    @property
+    def n_plus_one(self) -> tuple[NPlusOneFinding, ...]:
+        """N+1 findings: lazy loads per relationship and per-item statement loops."""
+        return self._of(NPlusOneFinding)
+
+    @property
+    def bulk_writes(self) -> tuple[BulkWriteFinding, ...]:
+        """INSERT/UPDATE/DELETE executed once per item of a loop."""
+        return self._of(BulkWriteFinding)
+
+    @property
+    def duplicates(self) -> tuple[DuplicateQueryFinding, ...]:
+        """The same statement with the same parameters executed more than once."""
+        return self._of(DuplicateQueryFinding)
+
+    @property
+    def lazy_loads_after_close(self) -> tuple[LazyLoadAfterCloseFinding, ...]:
+        """Lazy loads attempted on detached objects or outside a greenlet."""
+        return self._of(LazyLoadAfterCloseFinding)
+
+    @property
+    def leaks(self) -> tuple[ConnectionLeakFinding, ...]:
+        """Connections still checked out when the unit of work ended."""
+        return self._of(ConnectionLeakFinding)
+
+    @property
+    def http(self) -> dict[str, Any] | None:
+        """method, route, status, request_id of an HTTP request; None for other units."""
+        return dict(self._c.http) if self._c.http is not None else None
+
+    def findings_to_report(self) -> tuple[Finding, ...]:
+        """Findings not already reported by a unit of work nested inside this one."""
+        nested = self._c.nested_finding_ids
+        return tuple(f for f in self.findings if f.id not in nested)
+
+
+def current_collector() -> Collector | None:
+    """The collector of the unit of work running in this context, if any."""
+    return _current.get()
+
+
+def current_report() -> Report | None:
+    """The (live) report of the unit of work running in this context, if any."""
+    collector = _current.get()
+    return collector.report if collector is not None else None
+
+
+def open_unit(
+    name: str, *, settings: Settings | None = None, kind: str = "job"
+) -> tuple[Collector, Token[Collector | None]]:
+    """Start a unit of work in the current context. The middleware and `watch()` use this."""
+    collector = Collector(name, settings or _settings, _current.get(), kind)
+    return collector, _current.set(collector)
+
+
+def close_unit(
+    collector: Collector, token: Token[Collector | None] | None, *, raise_findings: bool = True
+) -> None:
+    """End a unit of work: reset the context, detect, freeze, report, and apply the mode.
+
+    Raises `NPlusOneDetected` only in `raise` mode, only when `raise_findings` is true.
+    """
+    if token is not None:
+        try:
+            _current.reset(token)
+        except ValueError:
+            # Closed from another context (a generator finalised elsewhere): restore the parent.
+            _current.set(collector.parent)
+    if collector.closed:
+        return
+    collector.finished = time.perf_counter()
+    collector.active = False
+    with _guard.guard("collector"):
+        collector.fold()
+        collector.seen = {}
+    findings: list[Finding] = []
+    with _guard.guard("detection"):
+        _guard.maybe_fail("detection")
+        from querywatch import detection
+
+        findings = detection.detect(collector)
+    collector.findings = tuple(findings)
+    parent = collector.parent
+    if parent is not None:
+        parent.nested_finding_ids.update(f.id for f in findings)
+        parent.nested_finding_ids.update(collector.nested_finding_ids)
+    report = collector.report
+    for reporter in tuple(_reporters):
+        with _guard.guard("reporter"):
+            reporter(report)
+    if not findings or not collector.settings.enabled:
+        return
+    mode: Mode = collector.settings.mode
+    if mode == "warn":
+        for finding in report.findings_to_report():
+            warnings.warn(QueryWatchWarning(finding.describe()), stacklevel=3)
+    elif mode == "raise" and raise_findings:
+        raise NPlusOneDetected(collector.name, findings)
+
+
+class QueryWatchWarning(UserWarning):
+    """Issued for each finding in `warn` mode."""
+
+
+class watch:  # noqa: N801 - used like a function: `with querywatch.watch("import") as report:`
+    """Audit a unit of work that is not an HTTP request: a job, a CLI command, a test.
+
+    Usable as `with` and `async with`; yields the unit's `Report`, live inside the block and
+    final after it. In `raise` mode, findings raise `NPlusOneDetected` when the block exits
+    (unless the block itself raised: your exception is never replaced).
+    """
+
+    __slots__ = ("_collector", "_kind", "_name", "_settings", "_token")
+
+    def __init__(
+        self,
+        name: str = "watch",
+        *,
+        settings: Settings | None = None,
+        mode: Mode | None = None,
+        kind: str = "job",
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError("watch() needs a non-empty name, e.g. watch('nightly-import')")
+        resolved = settings if settings is not None else _settings
+        if mode is not None:
+            resolved = resolved.replace(mode=mode)
+        self._name = name
+        self._settings = resolved
+        self._kind = kind
+        self._collector: Collector | None = None
+        self._token: Token[Collector | None] | None = None
+
+    def __enter__(self) -> Report:
+        if self._collector is not None:
+            raise RuntimeError("a querywatch.watch() object can be entered only once")
+        self._collector, self._token = open_unit(
+            self._name, settings=self._settings, kind=self._kind
+        )
+        return self._collector.report
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._collector is not None, "watch() exited without being entered"
+        close_unit(self._collector, self._token, raise_findings=exc_type is None)
+        self._token = None
+
+    async def __aenter__(self) -> Report:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)

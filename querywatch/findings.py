@@ -1,0 +1,164 @@
+"""What querywatch reports: one frozen dataclass per finding kind.
+
+Every finding has a stable `id` (a hash of its kind, its subject and its call site, never of
+parameter values) so users can baseline and allowlist it, a `describe()` line for humans and
+exception messages, and `as_log_fields()` with JSON-friendly values for structured logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+def finding_id(kind: str, subject: str, callsite: str | None) -> str:
+    """A stable 12-hex-digit id for a finding: the same problem at the same place, same id."""
+    raw = f"{kind}\x00{subject}\x00{callsite or ''}".encode("utf-8", "replace")
+    return hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:12]
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [truncated {len(text) - limit} chars]"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Base of every finding."""
+
+    kind: ClassVar[str] = "finding"
+    #: The log event emitted for this finding kind.
+    event: ClassVar[str] = "querywatch.finding"
+
+    id: str
+    callsite: str | None
+
+    def describe(self) -> str:  # pragma: no cover - every subclass overrides
+        return f"{self.kind} at {self.callsite}"
+
+    def as_log_fields(self, *, max_sql_length: int = 2000) -> dict[str, Any]:
+        """The finding's fields as JSON-friendly values; statement shapes are clipped."""
+        fields: dict[str, Any] = {"finding_id": self.id, "kind": self.kind}
+        for f in dataclasses.fields(self):
+            if f.name == "id":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "fingerprint" and isinstance(value, str):
+                value = _clip(value, max_sql_length)
+            elif isinstance(value, float):
+                value = round(value, 6)
+            elif isinstance(value, tuple):
+                value = list(value)
+            fields[f.name] = value
+        return fields
+
+
+@dataclass(frozen=True)
+class NPlusOneFinding(Finding):
+    """One statement shape run once per object of a loop: lazy loads or a per-item query."""
+
+    kind: ClassVar[str] = "n_plus_one"
+    event: ClassVar[str] = "querywatch.n_plus_one"
+
+    fingerprint: str
+    operation: str
+    count: int
+    seconds: float
+    suggestion: str
+    #: `Author.books` for an ORM lazy load, `None` for a statement-shape (backstop) finding.
+    relationship: str | None = None
+    #: `lazy_load`, `expired_load`, `statement_loop`.
+    pattern: str = "statement_loop"
+    #: Where the loads ran: `handler`, or `serialization` while a response was being built.
+    phase: str = "handler"
+
+    def describe(self) -> str:
+        subject = self.relationship or self.fingerprint[:120]
+        return (
+            f"N+1: {subject} ran {self.count} times at {self.callsite or 'unknown call site'} "
+            f"({self.seconds * 1000:.1f} ms); fix: {self.suggestion}"
+        )
+
+
+@dataclass(frozen=True)
+class BulkWriteFinding(Finding):
+    """One INSERT/UPDATE/DELETE shape executed once per item of a loop: a bulk candidate."""
+
+    kind: ClassVar[str] = "bulk_write"
+    event: ClassVar[str] = "querywatch.bulk_write"
+
+    fingerprint: str
+    operation: str
+    count: int
+    seconds: float
+    suggestion: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.operation} in a loop: {self.count} statements at "
+            f"{self.callsite or 'unknown call site'}; fix: {self.suggestion}"
+        )
+
+
+@dataclass(frozen=True)
+class DuplicateQueryFinding(Finding):
+    """The same statement with identical parameters executed more than once."""
+
+    kind: ClassVar[str] = "duplicate_query"
+    event: ClassVar[str] = "querywatch.duplicate_query"
+
+    fingerprint: str
+    operation: str
+    count: int
+    seconds: float
+    suggestion: str
+
+    def describe(self) -> str:
+        return (
+            f"duplicate query: the same statement with the same parameters ran {self.count} "
+            f"times at {self.callsite or 'unknown call site'}: {self.fingerprint[:120]}; "
+            f"fix: {self.suggestion}"
+        )
+
+
+@dataclass(frozen=True)
+class LazyLoadAfterCloseFinding(Finding):
+    """An unloaded attribute touched on an object whose session is gone (or outside a greenlet)."""
+
+    kind: ClassVar[str] = "lazy_load_after_close"
+    event: ClassVar[str] = "querywatch.lazy_load_after_close"
+
+    model: str
+    attribute: str
+    #: `DetachedInstanceError` or `MissingGreenlet`.
+    error: str
+    suggestion: str
+    phase: str = "handler"
+
+    def describe(self) -> str:
+        return (
+            f"lazy load after close: {self.model}.{self.attribute} ({self.error}) at "
+            f"{self.callsite or 'unknown call site'}; fix: {self.suggestion}"
+        )
+
+
+@dataclass(frozen=True)
+class ConnectionLeakFinding(Finding):
+    """A connection checked out during a unit of work and still checked out when it ended."""
+
+    kind: ClassVar[str] = "connection_leak"
+    event: ClassVar[str] = "querywatch.connection_leak"
+
+    pool: str
+    held_seconds: float
+    suggestion: str
+
+    def describe(self) -> str:
+        return (
+            f"connection leak: a connection of pool {self.pool!r} checked out at "
+            f"{self.callsite or 'unknown call site'} was still out when the unit of work ended; "
+            f"fix: {self.suggestion}"
+        )

@@ -1,0 +1,280 @@
+"""Attaching to engines: `instrument()`, `uninstrument()`, and the statement listeners.
+
+The statement hooks are the hot path. Outside a unit of work they cost one ContextVar read.
+Inside one they time the cursor execution, take the statement's shape from the SQL string the cursor
+already has (cached per string), and record into the unit's collector. They never decide, log
+or raise: errors go to the guard.
+
+Handles are remembered in a WeakKeyDictionary keyed by the engine, and the hooks hold the
+engine only through that handle's weak reference, so querywatch never keeps an engine alive.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from querywatch import _callsite
+from querywatch._guard import internal_error
+from querywatch.collection import _SAME_SITE, FOLD_EVERY, Collector, _current, configure
+from querywatch.settings import Settings
+
+__all__ = ["Instrumentation", "instrument", "instrumented_engines", "uninstrument"]
+
+_handles: weakref.WeakKeyDictionary[Engine, Instrumentation] = weakref.WeakKeyDictionary()
+
+
+def engine_name(engine: Engine) -> str:
+    """`driver://host:port/database`, without credentials: the engine's default `pool` label."""
+    url = engine.url
+    host = url.host or ""
+    if url.port:
+        host = f"{host}:{url.port}"
+    database = url.database or ""
+    return f"{url.drivername}://{host}/{database}"
+
+
+class Instrumentation:
+    """The handle `instrument()` returns: what querywatch attached to one engine."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self._engine_ref = weakref.ref(engine)
+        self.name = name
+        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self._cleanups: list[Callable[[], None]] = []
+        self.removed = False
+
+    def __repr__(self) -> str:
+        return f"<querywatch.Instrumentation {self.name!r}{' removed' if self.removed else ''}>"
+
+    @property
+    def engine(self) -> Engine | None:
+        """The instrumented engine, or None once it has been garbage-collected."""
+        return self._engine_ref()
+
+    def listen(self, target: Any, identifier: str, fn: Callable[..., Any], **kw: Any) -> None:
+        """Attach `fn` and remember it, so `remove()` detaches it."""
+        event.listen(target, identifier, fn, **kw)
+        self._listeners.append((target, identifier, fn))
+
+    def on_remove(self, cleanup: Callable[[], None]) -> None:
+        """Run `cleanup` when the instrumentation is removed."""
+        self._cleanups.append(cleanup)
+
+    def remove(self) -> None:
+        """Detach every listener querywatch added to the engine. Idempotent."""
+        if self.removed:
+            return
+        self.removed = True
+        for target, identifier, fn in reversed(self._listeners):
+            if event.contains(target, identifier, fn):
+                event.remove(target, identifier, fn)
+        self._listeners.clear()
+        for cleanup in reversed(self._cleanups):
+            cleanup()
+        self._cleanups.clear()
+        engine = self._engine_ref()
+        if engine is not None and _handles.get(engine) is self:
+            del _handles[engine]
+
+
+def _sync_engine(engine: Engine | AsyncEngine) -> Engine:
+    if isinstance(engine, AsyncEngine):
+        return engine.sync_engine
+    if isinstance(engine, Engine):
+        return engine
+    raise TypeError(
+        f"querywatch.instrument() takes a SQLAlchemy Engine or AsyncEngine, "
+        f"got {type(engine).__name__}"
+    )
+
+
+def instrument(
+    engine: Engine | AsyncEngine, *, name: str | None = None, settings: Settings | None = None
+) -> Instrumentation:
+    """Attach querywatch to `engine` (sync or async). Idempotent: a second call returns the
+    same handle. `name` is the engine's `pool` label (default `driver://host:port/db`).
+    `settings`, when given, become the process-wide default (see `querywatch.configure`)."""
+    sync_engine = _sync_engine(engine)
+    if settings is not None:
+        configure(settings)
+    existing = _handles.get(sync_engine)
+    if existing is not None and not existing.removed:
+        return existing
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError("instrument(name=...) must be a non-empty string")
+    handle = Instrumentation(sync_engine, name or engine_name(sync_engine))
+    _attach_statement_listeners(handle, sync_engine)
+    from querywatch import _orm, pool
+
+    pool.attach(handle, sync_engine)
+    _orm.ensure_installed()
+    _handles[sync_engine] = handle
+    return handle
+
+
+def uninstrument(engine: Engine | AsyncEngine) -> bool:
+    """Detach querywatch from `engine`. Returns False when it was not instrumented."""
+    handle = _handles.get(_sync_engine(engine))
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+def instrumented_engines() -> list[Instrumentation]:
+    """The handles of every live instrumented engine."""
+    return [handle for handle in list(_handles.values()) if not handle.removed]
+
+
+def _parameter_key(parameters: Any) -> int | None:
+    """A hash standing for the parameter values (never the values themselves)."""
+    kind = type(parameters)
+    try:
+        if kind is tuple:
+            return hash(parameters)
+        if kind is dict:
+            return hash(tuple(parameters.items()))
+        if kind is list:  # executemany: not a duplicate candidate
+            return None
+        return hash(parameters)
+    except TypeError:  # unhashable values (arrays, JSON): hash their text instead
+        return hash(repr(parameters))
+
+
+#: Repeats of a statement string whose call site is always captured; past them, one in
+#: `_SAMPLE_EVERY` (the others are credited to the last site seen): loops stay exact, walks rare.
+_ALWAYS_CAPTURE = 16
+_SAMPLE_EVERY = 8
+
+
+def record_statement(
+    collector: Collector, statement: str, seconds: float, parameters: Any, pool: str
+) -> None:
+    """Record one executed statement into `collector` (the hot path: counts now, the rest in
+    batches, see `Collector.fold`)."""
+    collector.statements += 1
+    collector.db_seconds += seconds
+    kind = type(parameters)
+    try:
+        if kind is tuple:
+            key: int | None = hash(parameters)
+        elif kind is dict:
+            key = hash(tuple(parameters.items()))
+        else:
+            key = _parameter_key(parameters)
+    except TypeError:  # unhashable values (arrays, JSON): hash their text instead
+        key = hash(repr(parameters))
+    seen = collector.seen
+    repeats = seen.get(statement)
+    callsite: str | None = None
+    if repeats is None:
+        if len(seen) < collector.max_shapes:
+            seen[statement] = 1
+    else:
+        # A repeated statement may become a finding: only now is its call site worth a walk.
+        seen[statement] = repeats + 1
+        if repeats < _ALWAYS_CAPTURE or repeats % _SAMPLE_EVERY == 0:
+            callsite = _callsite.capture(1)
+        else:
+            callsite = _SAME_SITE
+    pending = collector.pending
+    pending.append((statement, seconds, key, pool, callsite))
+    if len(pending) >= FOLD_EVERY:
+        collector.fold()
+
+
+def _attach_statement_listeners(handle: Instrumentation, engine: Engine) -> None:
+    """Time statements at the dialect's execute methods (the documented `Dialect` interface).
+
+    SQLAlchemy's cursor events would do, but any engine listener switches every execution to
+    its event-dispatching path, which costs several microseconds per statement even when the
+    listener returns at once. Wrapping the three execute methods of this engine's dialect
+    instance costs one call when no unit of work is running.
+    """
+    dialect = engine.dialect
+    pool = handle.name
+    originals = {
+        name: dialect.__dict__.get(name)
+        for name in ("do_execute", "do_executemany", "do_execute_no_params")
+    }
+    do_execute = dialect.do_execute
+    do_executemany = dialect.do_executemany
+    do_execute_no_params = dialect.do_execute_no_params
+
+    def finish(
+        collector: Collector, statement: str, parameters: Any, t0: float, failed: bool
+    ) -> None:
+        try:
+            if collector.active and not handle.removed:
+                record_statement(collector, statement, perf_counter() - t0, parameters, pool)
+                if failed:
+                    collector.failed_statements += 1
+        except Exception as exc:
+            internal_error("engine", exc)
+
+    def querywatch_do_execute(
+        cursor: Any, statement: str, parameters: Any, context: Any = None
+    ) -> None:
+        collector = _current.get()
+        if collector is None:
+            return do_execute(cursor, statement, parameters, context)
+        t0 = perf_counter()
+        try:
+            do_execute(cursor, statement, parameters, context)
+        except BaseException:
+            finish(collector, statement, parameters, t0, True)
+            raise
+        finish(collector, statement, parameters, t0, False)
+
+    def querywatch_do_executemany(
+        cursor: Any, statement: str, parameters: Any, context: Any = None
+    ) -> None:
+        collector = _current.get()
+        if collector is None:
+            return do_executemany(cursor, statement, parameters, context)
+        t0 = perf_counter()
+        try:
+            do_executemany(cursor, statement, parameters, context)
+        except BaseException:
+            finish(collector, statement, parameters, t0, True)
+            raise
+        finish(collector, statement, parameters, t0, False)
+
+    def querywatch_do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
+        collector = _current.get()
+        if collector is None:
+            return do_execute_no_params(cursor, statement, context)
+        t0 = perf_counter()
+        try:
+            do_execute_no_params(cursor, statement, context)
+        except BaseException:
+            finish(collector, statement, (), t0, True)
+            raise
+        finish(collector, statement, (), t0, False)
+
+    wrappers = {
+        "do_execute": querywatch_do_execute,
+        "do_executemany": querywatch_do_executemany,
+        "do_execute_no_params": querywatch_do_execute_no_params,
+    }
+    for name, wrapper in wrappers.items():
+        setattr(dialect, name, wrapper)
+
+    def restore() -> None:
+        for name, wrapper in wrappers.items():
+            if dialect.__dict__.get(name) is not wrapper:
+                continue  # wrapped again by someone else: ours now passes through (removed)
+            original = originals[name]
+            if original is None:
+                delattr(dialect, name)
+            else:
+                setattr(dialect, name, original)
+
+    handle.on_remove(restore)

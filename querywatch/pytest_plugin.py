@@ -1,0 +1,1 @@
+"""pytest plugin (lands with the pytest issue): inert unless used."""

@@ -1,0 +1,204 @@
+"""Every knob of querywatch, in one frozen dataclass.
+
+Environment variables are read in exactly one place, `Settings.from_env()`; each field `name`
+maps to `QUERYWATCH_NAME`. An invalid value raises `ConfigError` naming the setting, at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from querywatch.exceptions import ConfigError
+
+Mode = Literal["log", "warn", "raise"]
+LogRequests = Literal["all", "sampled", "findings", "none"]
+
+_MODES: tuple[str, ...] = get_args(Mode)
+_LOG_REQUESTS: tuple[str, ...] = get_args(LogRequests)
+_ENV_PREFIX = "QUERYWATCH_"
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of querywatch. Build it directly, or with `Settings.from_env()`."""
+
+    enabled: bool = field(
+        default=True, metadata=_doc("Master switch: when false, units of work record nothing.")
+    )
+    mode: Mode = field(
+        default="log",
+        metadata=_doc(
+            "What a unit of work does with findings: `log` reports them, `warn` also calls "
+            "`warnings.warn`, `raise` raises `NPlusOneDetected` when the unit ends."
+        ),
+    )
+    n_plus_one_threshold: int = field(
+        default=5,
+        metadata=_doc(
+            "Lazy loads of one relationship (distinct parents), or executions of one statement "
+            "shape from one call site, that make an N+1 finding."
+        ),
+    )
+    duplicate_threshold: int = field(
+        default=2,
+        metadata=_doc(
+            "Executions of the same statement with identical parameters that make a "
+            "duplicate-query finding."
+        ),
+    )
+    max_queries: int = field(
+        default=200,
+        metadata=_doc(
+            "Statements kept per unit of work in `report.queries`; counts stay exact beyond it."
+        ),
+    )
+    max_shapes: int = field(
+        default=1000,
+        metadata=_doc(
+            "Distinct statement shapes tracked per unit of work for detection (bounds memory)."
+        ),
+    )
+    fingerprint_cache_size: int = field(
+        default=2048, metadata=_doc("Statement strings whose fingerprint is cached per process.")
+    )
+    max_sql_length: int = field(
+        default=2000,
+        metadata=_doc("Longest statement shape written to a log event; longer ones are cut."),
+    )
+    log_requests: LogRequests = field(
+        default="findings",
+        metadata=_doc(
+            "Which HTTP requests log a `querywatch.request` event: `all`, `sampled` (see "
+            "`log_sample_rate`), `findings` (only requests with findings) or `none`."
+        ),
+    )
+    log_sample_rate: float = field(
+        default=0.01,
+        metadata=_doc("Share of clean requests logged when `log_requests` is `sampled`."),
+    )
+    log_parameters: bool = field(
+        default=False,
+        metadata=_doc(
+            "Opt in to bound parameter values in findings and logs. Off: values never leave "
+            "the process."
+        ),
+    )
+    server_timing: bool = field(
+        default=False,
+        metadata=_doc('Add `Server-Timing: db;dur=12.3;desc="7 statements"` to responses.'),
+    )
+    allowlist: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Findings to ignore: a relationship (`Author.books`), a fingerprint, a call-site "
+            "glob (`app/legacy/*`) or a finding id. Comma-separated in the environment."
+        ),
+    )
+    report_stale_allowlist: bool = field(
+        default=False,
+        metadata=_doc("Report allowlist entries that matched nothing in a unit of work."),
+    )
+    project_root: str | None = field(
+        default=None,
+        metadata=_doc("Directory call sites are shown relative to (default: the working directory)."),
+    )
+    request_id_header: str = field(
+        default="X-Request-ID",
+        metadata=_doc("Header the request id is read from and echoed on."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ConfigError("mode", f"must be one of {', '.join(_MODES)}, got {self.mode!r}")
+        if self.log_requests not in _LOG_REQUESTS:
+            raise ConfigError(
+                "log_requests",
+                f"must be one of {', '.join(_LOG_REQUESTS)}, got {self.log_requests!r}",
+            )
+        for name, minimum in (
+            ("n_plus_one_threshold", 2),
+            ("duplicate_threshold", 2),
+            ("max_queries", 0),
+            ("max_shapes", 1),
+            ("fingerprint_cache_size", 0),
+            ("max_sql_length", 80),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(name, f"must be an integer, got {value!r}")
+            if value < minimum:
+                raise ConfigError(name, f"must be at least {minimum}, got {value}")
+        rate = self.log_sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ConfigError("log_sample_rate", f"must be a number from 0 to 1, got {rate!r}")
+        for name in ("enabled", "log_parameters", "server_timing", "report_stale_allowlist"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.allowlist, str) or not all(
+            isinstance(entry, str) and entry for entry in self.allowlist
+        ):
+            raise ConfigError("allowlist", "must be a sequence of non-empty strings")
+        object.__setattr__(self, "allowlist", tuple(self.allowlist))
+        header = self.request_id_header
+        if not isinstance(header, str) or not header or not header.isascii() or " " in header:
+            raise ConfigError("request_id_header", f"must be an HTTP header name, got {header!r}")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` applied (validated like the original)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Settings from `QUERYWATCH_*` variables (`environ` defaults to `os.environ`)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(_ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, f.default, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(name: str, default: Any, raw: str) -> Any:
+    text = raw.strip()
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"{_ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(
+                name, f"{_ENV_PREFIX}{name.upper()} must be an integer, got {raw!r}"
+            ) from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(
+                name, f"{_ENV_PREFIX}{name.upper()} must be a number, got {raw!r}"
+            ) from None
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if default is None:
+        return text or None
+    return text
+
+
+DEFAULT_SETTINGS = Settings()

@@ -1,0 +1,120 @@
+"""Shared fixtures: real databases, the guard in re-raise mode, clean global state per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+import querywatch
+from querywatch import _guard, collection
+from querywatch.settings import DEFAULT_SETTINGS
+
+PG_HOST = os.environ.get("QUERYWATCH_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("QUERYWATCH_PG_PORT", "5432"))
+PG_USER = os.environ.get("QUERYWATCH_PG_USER", "postgres")
+PG_DB = os.environ.get("QUERYWATCH_PG_DB", "test")
+PSYCOPG_URL = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}"
+ASYNCPG_URL = f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}"
+
+
+def _postgres_answers() -> bool:
+    try:
+        with socket.create_connection((PG_HOST, PG_PORT), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_postgres() -> None:
+    """Skip when no PostgreSQL answers, unless CI demands it (QUERYWATCH_REQUIRE_POSTGRES=1)."""
+    if _postgres_answers():
+        return
+    if os.environ.get("QUERYWATCH_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"QUERYWATCH_REQUIRE_POSTGRES=1 but no PostgreSQL at {PG_HOST}:{PG_PORT}")
+    pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT}")
+
+
+@pytest.fixture(autouse=True)
+def _querywatch_test_mode() -> Iterator[None]:
+    """Our own bugs fail our tests: the guard re-raises; global settings are reset after."""
+    _guard.raise_internal_errors = True
+    yield
+    _guard.raise_internal_errors = False
+    _guard.injected_faults = frozenset()
+    collection.configure(DEFAULT_SETTINGS)
+    assert collection.current_collector() is None, "a test leaked an open unit of work"
+
+
+@pytest.fixture
+def sqlite_engine() -> Iterator[sa.Engine]:
+    """A fresh in-memory SQLite engine (one shared connection), instrumented."""
+    engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_engine() -> Iterator[sa.Engine]:
+    """An instrumented psycopg 3 engine on the local PostgreSQL (skips when absent)."""
+    require_postgres()
+    engine = sa.create_engine(PSYCOPG_URL)
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+async def aiosqlite_engine() -> AsyncIterator[AsyncEngine]:
+    """An instrumented aiosqlite engine on a shared in-memory database."""
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=sa.pool.StaticPool)
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def asyncpg_engine() -> AsyncIterator[AsyncEngine]:
+    """An instrumented asyncpg engine on the local PostgreSQL (skips when absent)."""
+    require_postgres()
+    engine = create_async_engine(ASYNCPG_URL)
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    """An instrumented sync engine: SQLite, then PostgreSQL (psycopg 3)."""
+    if request.param == "postgresql":
+        require_postgres()
+        engine = sa.create_engine(PSYCOPG_URL)
+    else:
+        engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=["aiosqlite", "asyncpg"])
+async def any_async_engine(request: pytest.FixtureRequest) -> AsyncIterator[AsyncEngine]:
+    """An instrumented async engine: aiosqlite, then PostgreSQL (asyncpg)."""
+    if request.param == "asyncpg":
+        require_postgres()
+        engine = create_async_engine(ASYNCPG_URL)
+    else:
+        engine = create_async_engine("sqlite+aiosqlite://", poolclass=sa.pool.StaticPool)
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    await engine.dispose()
