@@ -21,7 +21,9 @@ import querywatch
 def build() -> tuple[sa.Engine, sa.Table]:
     engine = sa.create_engine("sqlite://")
     meta = sa.MetaData()
-    table = sa.Table("t", meta, sa.Column("id", sa.Integer, primary_key=True), sa.Column("x", sa.Text))
+    table = sa.Table(
+        "t", meta, sa.Column("id", sa.Integer, primary_key=True), sa.Column("x", sa.Text)
+    )
     meta.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "x": f"row {i}"} for i in range(100)])
@@ -65,7 +67,7 @@ def main() -> None:
         watched.append(run(watched_engine, table2, args.statements, True))
     b, w = min(bare), min(watched)
     mb, mw = statistics.median(bare), statistics.median(watched)
-    print(f"SQLAlchemy {sa.__version__}, {args.rounds} interleaved rounds x {args.statements} statements")
+    print(f"SQLAlchemy {sa.__version__}, {args.rounds} interleaved rounds x {args.statements}")
     print(f"bare         best {b * 1e6:7.2f} µs/stmt   median {mb * 1e6:7.2f}")
     print(f"querywatch   best {w * 1e6:7.2f} µs/stmt   median {mw * 1e6:7.2f}")
     print(f"added        best {(w - b) * 1e6:+.2f} µs/stmt   median {(mw - mb) * 1e6:+.2f} µs/stmt")

@@ -11,6 +11,7 @@ context manager costs a microsecond per call); everything else uses ``with guard
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -51,7 +52,8 @@ def internal_error(component: str, exc: BaseException) -> None:
         else:
             _suppressed[component] = _suppressed.get(component, 0) + 1
     if should_log:
-        try:
+        # A broken logging configuration must not break the application either.
+        with contextlib.suppress(Exception):
             logger.error(
                 "querywatch internal error in %s (%d similar errors suppressed since the last "
                 "report); the application is unaffected",
@@ -59,13 +61,9 @@ def internal_error(component: str, exc: BaseException) -> None:
                 suppressed,
                 exc_info=exc,
             )
-        except Exception:  # pragma: no cover - a broken logging config must not break the app
-            pass
     for subscriber in tuple(_subscribers):
-        try:
+        with contextlib.suppress(Exception):
             subscriber(component)
-        except Exception:  # pragma: no cover - a subscriber failing is not worth more noise
-            pass
     if raise_internal_errors and not isinstance(exc, InjectedFault):
         raise exc
 

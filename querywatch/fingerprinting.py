@@ -42,9 +42,7 @@ _TOKEN = re.compile(
 )
 # `x IN (?, ?, ?)` and `= ANY (?)` style lists collapse to one placeholder, whatever their length.
 # A list cut short by truncation (no closing parenthesis before the end) collapses too.
-_IN_LIST = re.compile(
-    r"\b(in|values)\s*\(\s*\?(?:\s*,\s*\?)*\s*(?:,\s*)?(?:\)|\Z)", re.IGNORECASE
-)
+_IN_LIST = re.compile(r"\b(in|values)\s*\(\s*\?(?:\s*,\s*\?)*\s*(?:,\s*)?(?:\)|\Z)", re.IGNORECASE)
 # A multi-row VALUES of placeholders (executemany batches, insertmanyvalues) collapses to one row.
 _VALUES_ROWS = re.compile(r"(\((?:\?|, )+\))(?:\s*,\s*\((?:\?|, )+\))+")
 _FIRST_WORD = re.compile(r"\s*\(*\s*([a-z]+)")
@@ -103,7 +101,7 @@ def operation_of(shape: str) -> str:
 
 def fingerprint_and_operation(sql: object) -> tuple[str, str]:
     """The fingerprint of `sql` and its operation, cached per statement string."""
-    cached = _cache.get(sql) if type(sql) is str else None  # noqa: E721 - exact type on purpose
+    cached = _cache.get(sql) if type(sql) is str else None
     if cached is not None:
         return cached
     text = _as_text(sql)
@@ -112,7 +110,7 @@ def fingerprint_and_operation(sql: object) -> tuple[str, str]:
     except Exception:  # pragma: no cover - the expressions are total; this is the last resort
         shape = "<unparseable statement>"
     result = (shape, operation_of(shape))
-    if type(sql) is str and len(sql) <= MAX_CACHED_LENGTH and _cache_size:  # noqa: E721
+    if type(sql) is str and len(sql) <= MAX_CACHED_LENGTH and _cache_size:
         if len(_cache) >= _cache_size:
             # Drop the oldest half (dicts keep insertion order): cheap, and hits stay a lookup.
             for key in list(islice(_cache, len(_cache) // 2 or 1)):

@@ -108,7 +108,7 @@ class Settings:
     )
     project_root: str | None = field(
         default=None,
-        metadata=_doc("Directory call sites are shown relative to (default: the working directory)."),
+        metadata=_doc("Directory call sites are shown relative to (default: working directory)."),
     )
     request_id_header: str = field(
         default="X-Request-ID",
@@ -156,9 +156,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from `QUERYWATCH_*` variables (`environ` defaults to `os.environ`)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}

@@ -71,9 +71,7 @@ def seed(session: Session, *, authors: int = 10, books_per_author: int = 3) -> N
                     title=f"book {book_id}",
                     publisher=publishers[book_id % authors],
                     tags=[tags[book_id % 5], tags[(book_id + 1) % 5]],
-                    chapters=[
-                        Chapter(id=book_id * 10 + c, title=f"chapter {c}") for c in range(2)
-                    ],
+                    chapters=[Chapter(id=book_id * 10 + c, title=f"chapter {c}") for c in range(2)],
                 )
             )
         session.add(author)

@@ -36,9 +36,8 @@ def test_report_is_live_inside_the_block_and_final_after(sqlite_engine: sa.Engin
 
 async def test_async_with_yields_the_report(aiosqlite_engine: AsyncEngine) -> None:
     """`async with watch(...)` works like `with`."""
-    async with querywatch.watch("async") as report:
-        async with aiosqlite_engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+    async with querywatch.watch("async") as report, aiosqlite_engine.connect() as conn:
+        await conn.execute(sa.text("SELECT 1"))
     assert report.statements == 1
 
 
@@ -65,10 +64,17 @@ def test_the_unit_of_work_is_reset_after_the_block(sqlite_engine: sa.Engine) -> 
 
 def test_the_unit_ends_when_the_block_raises(sqlite_engine: sa.Engine) -> None:
     """The user's exception passes through unchanged and the report is final."""
-    with pytest.raises(KeyError, match="boom"), querywatch.watch("raises") as report:
-        _run(sqlite_engine, 1)
-        raise KeyError("boom")
-    assert (report.statements, report.final) == (1, True)
+
+    def work() -> querywatch.Report:
+        with querywatch.watch("raises") as report:
+            _run(sqlite_engine, 1)
+            seen.append(report)
+            raise KeyError("boom")
+
+    seen: list[querywatch.Report] = []
+    with pytest.raises(KeyError, match="boom"):
+        work()
+    assert (seen[0].statements, seen[0].final) == (1, True)
 
 
 def test_watch_cannot_be_entered_twice() -> None:

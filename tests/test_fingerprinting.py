@@ -105,7 +105,8 @@ def test_operation_is_classified(sql: str, operation: str) -> None:
 
 def test_bytes_are_decoded_not_rejected() -> None:
     """bytes-like input is fingerprinted, with undecodable bytes replaced."""
-    assert fingerprint(b"SELECT \xff\xfe FROM t WHERE id = 3") == "select \ufffd\ufffd from t where id = ?"
+    shape = fingerprint(b"SELECT \xff\xfe FROM t WHERE id = 3")
+    assert shape == "select \ufffd\ufffd from t where id = ?"
 
 
 def test_unterminated_string_and_comment_do_not_raise() -> None:
@@ -162,6 +163,7 @@ def test_any_bytes_give_a_string(sql: bytes) -> None:
 @given(st.lists(st.integers(), min_size=1, max_size=50), st.lists(st.integers(), min_size=1))
 def test_integer_in_lists_always_collapse(first: list[int], second: list[int]) -> None:
     """Any two integer IN lists give the same shape."""
+
     def sql(values: list[int]) -> str:
         return f"SELECT * FROM t WHERE id IN ({', '.join(map(str, values))})"
 
