@@ -57,6 +57,7 @@ def set_project_root(root: str | None) -> None:
     global _root
     _root = os.path.abspath(root) if root else os.getcwd()
     _display_names.clear()
+    _memos.clear()
 
 
 def _library(code: CodeType) -> bool:
@@ -87,11 +88,12 @@ def _display(filename: str) -> str:
     return name
 
 
-def user_frame(frame: FrameType | None) -> FrameType | None:
-    """The first non-library frame from `frame` outwards, following greenlets to their parent."""
+def _locate(frame: FrameType | None) -> tuple[FrameType | None, int, bool]:
+    """The first non-library frame from `frame` outwards, its depth from `frame`, and whether it
+    was found in the parent greenlet (the asyncio task awaiting SQLAlchemy's greenlet)."""
     depth = 0
     cache = _is_library_code
-    followed_parent = False
+    in_parent = False
     while True:
         while frame is not None and depth < _MAX_DEPTH:
             code = frame.f_code
@@ -101,17 +103,23 @@ def user_frame(frame: FrameType | None) -> FrameType | None:
                 if len(cache) < _MAX_CACHED_CODES:
                     cache[code] = library
             if not library:
-                return frame
+                return frame, depth, in_parent
             frame = frame.f_back
             depth += 1
         greenlet_module = sys.modules.get("greenlet")
-        if followed_parent or greenlet_module is None or depth >= _MAX_DEPTH:
-            return None
+        if in_parent or greenlet_module is None or depth >= _MAX_DEPTH:
+            return None, 0, False
         parent = greenlet_module.getcurrent().parent
         if parent is None:
-            return None
+            return None, 0, False
         frame = parent.gr_frame
-        followed_parent = True
+        depth = 0
+        in_parent = True
+
+
+def user_frame(frame: FrameType | None) -> FrameType | None:
+    """The first non-library frame from `frame` outwards, following greenlets to their parent."""
+    return _locate(frame)[0]
 
 
 def format_frame(frame: FrameType) -> str:
@@ -123,3 +131,58 @@ def capture(skip: int = 1) -> str | None:
     """The call site of the caller's caller's user code, or None when there is none."""
     frame = user_frame(sys._getframe(skip + 1))
     return format_frame(frame) if frame is not None else None
+
+
+class _Memo:
+    """Where the user frame of a statement was last found, and what it said."""
+
+    __slots__ = ("code", "depth", "in_parent", "lasti", "text")
+
+    def __init__(self, depth: int, in_parent: bool, code: CodeType, lasti: int, text: str) -> None:
+        self.depth = depth
+        self.in_parent = in_parent
+        self.code = code
+        self.lasti = lasti
+        self.text = text
+
+
+_MAX_MEMOS = 4096
+_memos: dict[object, _Memo] = {}
+
+
+def _frame_at(memo: _Memo) -> FrameType | None:
+    """The frame `memo.depth` levels into the parent greenlet's stack."""
+    greenlet_module = sys.modules.get("greenlet")
+    parent = greenlet_module.getcurrent().parent if greenlet_module is not None else None
+    frame: FrameType | None = parent.gr_frame if parent is not None else None
+    for _ in range(memo.depth):
+        if frame is None:
+            return None
+        frame = frame.f_back
+    return frame
+
+
+def capture_for(key: object, skip: int = 1) -> str | None:
+    """`capture()`, remembered per `key` (a statement string): when the frame found last time
+    for this key is at the same depth, in the same code at the same instruction, it is the same
+    call site, and the walk and the formatting are skipped. Otherwise, a full walk."""
+    memo = _memos.get(key)
+    if memo is not None:
+        frame: FrameType | None
+        if memo.in_parent:
+            frame = _frame_at(memo)
+        else:
+            try:
+                frame = sys._getframe(skip + 1 + memo.depth)  # walks in C
+            except ValueError:  # the stack is shallower now
+                frame = None
+        if frame is not None and frame.f_code is memo.code and frame.f_lasti == memo.lasti:
+            return memo.text
+    found, depth, in_parent = _locate(sys._getframe(skip + 1))
+    if found is None:
+        return None
+    text = format_frame(found)
+    if len(_memos) >= _MAX_MEMOS:
+        _memos.clear()
+    _memos[key] = _Memo(depth, in_parent, found.f_code, found.f_lasti, text)
+    return text

@@ -45,8 +45,6 @@ STATEMENT_BUCKETS: tuple[float, ...] = (
 
 #: Statements buffered by the hot path before they are folded into the shapes.
 FOLD_EVERY = 256
-#: Call site placeholder of a sampled-out repeat: "the last site this shape was seen at".
-_SAME_SITE = "\x00same"
 
 #: Distinct parameter sets remembered per statement shape (for duplicate detection).
 MAX_PARAMETER_KEYS = 1024
@@ -138,8 +136,7 @@ class Shape:
         self.parameter_counts: dict[int, int] = {}
         #: hash of the parameters -> the call site where it was first repeated.
         self.duplicate_sites: dict[int, str | None] = {}
-        #: call site -> executions there. The first execution of a shape is not walked for its
-        #: call site (most shapes run once); it is credited to the site of the second.
+        #: call site -> executions there
         self.sites: dict[str | None, Site] = {}
         self.last_site: str | None = None
 
@@ -151,7 +148,7 @@ class Shape:
         callsite: str | None,
         innermost: Collector | None,
     ) -> None:
-        count = self.count = self.count + 1
+        self.count += 1
         self.seconds += seconds
         if innermost is not None:
             # Durations feed the statement histogram once, from the innermost unit.
@@ -159,24 +156,15 @@ class Shape:
                 self.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
             elif len(innermost.other_pool_durations) < MAX_OTHER_POOL_DURATIONS:
                 innermost.other_pool_durations.append((pool, self.operation, seconds))
-        if callsite == _SAME_SITE:
-            callsite = self.last_site
         sites = self.sites
         site = sites.get(callsite)
         if site is None:
-            first = sites.pop(None, None) if count == 2 else None
             if len(sites) >= MAX_CALLSITES:
                 return
             site = sites[callsite] = Site()
-            if first is not None:
-                # The first execution of a shape is not walked: credit it to the second's site.
-                site.count = first.count
-                site.seconds = first.seconds
-                site.parameter_keys = first.parameter_keys
         site.count += 1
         site.seconds += seconds
-        if count > 1:
-            self.last_site = callsite
+        self.last_site = callsite
         if key is not None:
             if len(site.parameter_keys) < MAX_PARAMETER_KEYS:
                 site.parameter_keys.add(key)
@@ -257,7 +245,6 @@ class Collector:
         "pool",
         "queries",
         "report",
-        "seen",
         "settings",
         "shapes",
         "started",
@@ -286,8 +273,6 @@ class Collector:
         self.queries: list[tuple[str, str, float, str]] = []
         #: Statements not folded yet: (statement, seconds, parameter hash, pool, call site).
         self.pending: list[tuple[str, float, int | None, str, str | None]] = []
-        #: statement string -> executions, for the hot path's call-site decision only
-        self.seen: dict[str, int] = {}
         self.shapes: dict[str, Shape] = {}
         self.untracked_statements = 0
         self.lazy: dict[tuple[str, str | None], LazyGroup] = {}
@@ -497,7 +482,6 @@ def close_unit(
     collector.active = False
     with _guard.guard("collector"):
         collector.fold()
-        collector.seen = {}
     findings: list[Finding] = []
     with _guard.guard("detection"):
         _guard.maybe_fail("detection")
@@ -527,7 +511,7 @@ class QueryWatchWarning(UserWarning):
     """Issued for each finding in `warn` mode."""
 
 
-class watch:  # noqa: N801 - used like a function: `with querywatch.watch("import") as report:`
+class watch:
     """Audit a unit of work that is not an HTTP request: a job, a CLI command, a test.
 
     Usable as `with` and `async with`; yields the unit's `Report`, live inside the block and

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from querywatch import _callsite
 from querywatch._guard import internal_error
-from querywatch.collection import _SAME_SITE, FOLD_EVERY, Collector, _current, configure
+from querywatch.collection import FOLD_EVERY, Collector, _current, configure
 from querywatch.settings import Settings
 
 __all__ = ["Instrumentation", "instrument", "instrumented_engines", "uninstrument"]
@@ -148,12 +148,6 @@ def _parameter_key(parameters: Any) -> int | None:
         return hash(repr(parameters))
 
 
-#: Repeats of a statement string whose call site is always captured; past them, one in
-#: `_SAMPLE_EVERY` (the others are credited to the last site seen): loops stay exact, walks rare.
-_ALWAYS_CAPTURE = 16
-_SAMPLE_EVERY = 8
-
-
 def record_statement(
     collector: Collector, statement: str, seconds: float, parameters: Any, pool: str
 ) -> None:
@@ -171,21 +165,9 @@ def record_statement(
             key = _parameter_key(parameters)
     except TypeError:  # unhashable values (arrays, JSON): hash their text instead
         key = hash(repr(parameters))
-    seen = collector.seen
-    repeats = seen.get(statement)
-    callsite: str | None = None
-    if repeats is None:
-        if len(seen) < collector.max_shapes:
-            seen[statement] = 1
-    else:
-        # A repeated statement may become a finding: only now is its call site worth a walk.
-        seen[statement] = repeats + 1
-        if repeats < _ALWAYS_CAPTURE or repeats % _SAMPLE_EVERY == 0:
-            callsite = _callsite.capture(1)
-        else:
-            callsite = _SAME_SITE
+    # After the first walk per statement string, `capture_for` checks one frame.
     pending = collector.pending
-    pending.append((statement, seconds, key, pool, callsite))
+    pending.append((statement, seconds, key, pool, _callsite.capture_for(statement, 1)))
     if len(pending) >= FOLD_EVERY:
         collector.fold()
 
@@ -231,7 +213,11 @@ def _attach_statement_listeners(handle: Instrumentation, engine: Engine) -> None
         except BaseException:
             finish(collector, statement, parameters, t0, True)
             raise
-        finish(collector, statement, parameters, t0, False)
+        if collector.active and not handle.removed:
+            try:
+                record_statement(collector, statement, perf_counter() - t0, parameters, pool)
+            except Exception as exc:
+                internal_error("engine", exc)
 
     def querywatch_do_executemany(
         cursor: Any, statement: str, parameters: Any, context: Any = None
@@ -245,7 +231,11 @@ def _attach_statement_listeners(handle: Instrumentation, engine: Engine) -> None
         except BaseException:
             finish(collector, statement, parameters, t0, True)
             raise
-        finish(collector, statement, parameters, t0, False)
+        if collector.active and not handle.removed:
+            try:
+                record_statement(collector, statement, perf_counter() - t0, parameters, pool)
+            except Exception as exc:
+                internal_error("engine", exc)
 
     def querywatch_do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
         collector = _current.get()
