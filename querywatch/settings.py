@@ -20,6 +20,7 @@ LogRequests = Literal["all", "sampled", "findings", "none"]
 _MODES: tuple[str, ...] = get_args(Mode)
 _LOG_REQUESTS: tuple[str, ...] = get_args(LogRequests)
 _ENV_PREFIX = "QUERYWATCH_"
+_CHOICES = {"Mode": _MODES, "LogRequests": _LOG_REQUESTS}
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -197,6 +198,21 @@ def _parse(name: str, default: Any, raw: str) -> Any:
     if default is None:
         return text or None
     return text
+
+
+def options_table() -> str:
+    """The README's options table (name, type, default, environment variable, description)."""
+    rows = [
+        "| Setting | Type | Default | Environment variable | Description |",
+        "|---|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(Settings):
+        choices = _CHOICES.get(str(f.type))
+        kind = " or ".join(repr(c) for c in choices) if choices else str(f.type).replace("|", "or")
+        default = "()" if f.default == () else repr(f.default).replace("|", "\\|")
+        env = _ENV_PREFIX + f.name.upper()
+        rows.append(f"| `{f.name}` | `{kind}` | `{default}` | `{env}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
 
 
 DEFAULT_SETTINGS = Settings()
