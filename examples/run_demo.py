@@ -1,0 +1,144 @@
+"""The querywatch demo in one command, on a fresh clone with nothing but Python:
+
+    python3 examples/run_demo.py            # set up, run the shop, drive traffic, print, exit
+    python3 examples/run_demo.py --serve    # ... then keep serving (Ctrl-C to stop)
+
+Creates (or reuses) `.venv` at the repository root and installs querywatch with the example's
+requirements into it (the same install as the Dockerfile), then starts the example shop
+(`examples/shop`, SQLite file `examples/shop.db`, or `DATABASE_URL`) with uvicorn on a free
+loopback port, calls every endpoint once, and prints querywatch's log lines and a few lines of
+`/metrics`. Exits 1 when querywatch reported no finding or an endpoint answered unexpectedly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+VENV = ROOT / ".venv"
+NEEDED = ("querywatch", "fastapi", "uvicorn", "httpx", "structlog", "prometheus_client")
+#: Metric families shown at the end of the demo.
+SHOWN_METRICS = (
+    "querywatch_n_plus_one_total",
+    "querywatch_duplicate_queries_total",
+    "querywatch_lazy_loads_total",
+    "querywatch_lazy_loads_after_close_total",
+    "querywatch_db_pool_leaked_connections_total",
+    "querywatch_db_pool_checkout_timeouts_total",
+    "querywatch_request_db_statements_sum",
+)
+
+
+def _venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _has_deps(python: Path | str) -> bool:
+    check = f"import {', '.join(NEEDED)}"
+    return subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0
+
+
+def bootstrap() -> None:
+    """Re-run this script inside `.venv` (created and installed when needed), unless the
+    running interpreter already has everything."""
+    if sys.prefix != sys.base_prefix and _has_deps(sys.executable):
+        return
+    python = _venv_python()
+    if not python.exists():
+        print(f"demo: creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    if not _has_deps(python):
+        print("demo: installing querywatch and the example's requirements into .venv", flush=True)
+        install = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*install, "-e", str(ROOT), "-r", str(EXAMPLES / "requirements.txt")],
+                       check=True)  # fmt: skip
+    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run the querywatch example shop and show findings."
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="port to serve on (default: a free one)"
+    )
+    parser.add_argument("--serve", action="store_true", help="keep serving after the traffic")
+    parser.add_argument("--async", dest="use_async", action="store_true",
+                        help="run the async variant (shop.async_app)")  # fmt: skip
+    args = parser.parse_args(argv)
+    bootstrap()
+    sys.path.insert(0, str(EXAMPLES))
+    return run(port=args.port, serve=args.serve, use_async=args.use_async)
+
+
+def run(*, port: int, serve: bool, use_async: bool) -> int:
+    import asyncio
+    import time
+
+    import httpx
+    import uvicorn
+    from shop.logs import configure_logging
+    from shop.traffic import ASYNC_ROUND, ROUND, Call, drive
+
+    import querywatch
+
+    configure_logging()
+    if use_async:
+        from shop.async_app import create_app
+    else:
+        from shop.app import create_app
+    calls_per_round = ASYNC_ROUND if use_async else ROUND
+    findings: list[str] = []
+    querywatch.add_reporter(lambda report: findings.extend(f.kind for f in report.findings))
+    app = create_app(settings=querywatch.Settings.from_env())
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            access_log=False, lifespan="off")  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)  # waiting for uvicorn's startup flag, bounded
+    if not server.started:
+        print("demo: the server did not start", file=sys.stderr)
+        return 1
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    base_url = f"http://127.0.0.1:{bound}"
+    print(f"demo: the shop is serving on {base_url}; querywatch's log lines follow", flush=True)
+
+    async def traffic() -> tuple[list[Call], str]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            calls = await drive(client, echo=True, calls_per_round=calls_per_round)
+            metrics = (await client.get("/metrics")).text
+        return calls, metrics
+
+    calls, metrics = asyncio.run(traffic())
+    unexpected = [call for call in calls if call.status != call.expected]
+    shown = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(SHOWN_METRICS) and not line.endswith(" 0.0")
+    ]
+    print(f"\ndemo: a few lines of {base_url}/metrics:")
+    print("\n".join(shown[:14]))
+    print(f"\ndemo: querywatch reported {len(findings)} findings in {len(calls)} requests "
+          f"({', '.join(sorted(set(findings))) or 'none'})", flush=True)  # fmt: skip
+    if serve:
+        print(f"demo: still serving on {base_url} (/docs, /metrics); Ctrl-C to stop", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            thread.join()
+    server.should_exit = True
+    thread.join(10)
+    return 0 if findings and not unexpected else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
