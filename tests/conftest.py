@@ -118,3 +118,34 @@ async def any_async_engine(request: pytest.FixtureRequest) -> AsyncIterator[Asyn
     yield engine
     querywatch.uninstrument(engine)
     await engine.dispose()
+
+
+def _sqlite_engine() -> sa.Engine:
+    # Sync endpoints run in a threadpool: the one in-memory connection is shared across threads.
+    return sa.create_engine(
+        "sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False}
+    )
+
+
+@pytest.fixture
+def sqlite_web_engine() -> Iterator[sa.Engine]:
+    """An instrumented in-memory SQLite engine usable from a threadpool (web app tests)."""
+    engine = _sqlite_engine()
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def web_engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    """An instrumented sync engine usable from a threadpool: SQLite, then PostgreSQL."""
+    if request.param == "postgresql":
+        require_postgres()
+        engine = sa.create_engine(PSYCOPG_URL)
+    else:
+        engine = _sqlite_engine()
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()

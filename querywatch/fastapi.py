@@ -1,0 +1,154 @@
+"""FastAPI (and Starlette) glue: `setup(app, engine)` in one line, and the serialization phase.
+
+`setup()` instruments the engines, adds `QueryWatchMiddleware`, and serves the Prometheus
+metrics at `metrics_path`. With FastAPI installed, lazy loads fired while a response model is
+built from ORM objects (after the endpoint returned) are tagged `phase="serialization"`: FastAPI
+builds responses in `fastapi.routing.serialize_response`, which is wrapped once per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from querywatch import _guard, metrics
+from querywatch.collection import _current
+from querywatch.instrumentation import Instrumentation, instrument
+from querywatch.settings import Settings
+
+try:
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "querywatch.fastapi needs Starlette or FastAPI: pip install 'querywatch[fastapi]'"
+    ) from exc
+
+__all__ = ["install_serialization_hook", "metrics_endpoint", "setup"]
+
+AnyEngine = Engine | AsyncEngine
+Engines = AnyEngine | Iterable[AnyEngine] | Mapping[str, AnyEngine]
+
+
+def setup(
+    app: Any,
+    engine_or_engines: Engines,
+    *,
+    metrics_path: str | None = "/metrics",
+    settings: Settings | None = None,
+    registry: Any = None,
+    metrics_enabled: bool = True,
+) -> list[Instrumentation]:
+    """Audit `app` (FastAPI or Starlette): instrument the engines, add the middleware, and
+    (unless `metrics_path` is None or `metrics_enabled` is false) serve Prometheus metrics.
+
+    `engine_or_engines`: an engine, a list of engines, or `{"name": engine}` (the names
+    become the `pool` label). `settings` become the process-wide default. `registry`: the
+    Prometheus registry (default prometheus_client's global `REGISTRY`). Returns the engines'
+    instrumentation handles. Call before the app starts serving.
+    """
+    from querywatch.middleware import QueryWatchMiddleware
+
+    if settings is not None and not isinstance(settings, Settings):
+        raise TypeError(f"setup(settings=...) takes a querywatch.Settings, got {settings!r}")
+    handles = [
+        instrument(engine, name=name, settings=settings)
+        for name, engine in _named_engines(engine_or_engines)
+    ]
+    if metrics_path is not None and not metrics_path.startswith("/"):
+        raise ValueError(f"setup(metrics_path=...) must start with '/', got {metrics_path!r}")
+    serve = metrics_enabled and metrics_path is not None
+    app.add_middleware(
+        QueryWatchMiddleware,
+        settings=settings,
+        registry=registry,
+        metrics=metrics_enabled,
+        exclude_paths=(metrics_path,) if serve else (),
+    )
+    if serve:
+        assert metrics_path is not None
+        metrics.install(registry)
+        route = Route(metrics_path, metrics_endpoint(registry), methods=["GET"])
+        add_route = getattr(app, "add_route", None)
+        if add_route is not None:
+            add_route(metrics_path, route.endpoint, methods=["GET"], include_in_schema=False)
+        else:  # pragma: no cover - Starlette without add_route
+            app.router.routes.append(route)
+    install_serialization_hook()
+    return handles
+
+
+def _named_engines(engines: Engines) -> list[tuple[str | None, AnyEngine]]:
+    if isinstance(engines, (Engine, AsyncEngine)):
+        return [(None, engines)]
+    if isinstance(engines, Mapping):
+        return [(str(name), engine) for name, engine in engines.items()]
+    if isinstance(engines, Iterable):
+        return [(None, engine) for engine in engines]
+    raise TypeError(
+        f"setup() takes an Engine, an AsyncEngine, a list of them or a dict name -> engine, "
+        f"got {type(engines).__name__}"
+    )
+
+
+def metrics_endpoint(registry: Any = None) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint serving `registry` in the Prometheus text format (every worker's
+    metrics under `PROMETHEUS_MULTIPROC_DIR`)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    target = REGISTRY if registry is None else registry
+
+    async def querywatch_metrics(request: Request) -> Response:
+        if metrics.multiprocess_mode():
+            from prometheus_client import CollectorRegistry
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            scraped = CollectorRegistry()
+            MultiProcessCollector(scraped)  # type: ignore[no-untyped-call]
+            body = generate_latest(scraped)
+        else:
+            body = generate_latest(target)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return querywatch_metrics
+
+
+_serialize_hooked = False
+
+
+def install_serialization_hook() -> None:
+    """Wrap `fastapi.routing.serialize_response` so that what runs inside it (response-model
+    validation from ORM attributes) is the `serialization` phase. Idempotent; does nothing
+    without FastAPI or when FastAPI no longer has the function."""
+    global _serialize_hooked
+    if _serialize_hooked:
+        return
+    try:
+        import fastapi.routing as routing
+    except ImportError:
+        return
+    original = getattr(routing, "serialize_response", None)
+    if original is None or getattr(original, "_querywatch_wrapped", False):
+        _serialize_hooked = True
+        return
+
+    async def serialize_response(*args: Any, **kwargs: Any) -> Any:
+        collector = _current.get()
+        if collector is None:
+            return await original(*args, **kwargs)
+        previous = collector.phase
+        collector.phase = "serialization"
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            collector.phase = previous
+
+    serialize_response._querywatch_wrapped = True  # type: ignore[attr-defined]
+    serialize_response.__wrapped__ = original  # type: ignore[attr-defined]
+    with _guard.guard("fastapi"):
+        routing.serialize_response = serialize_response
+    _serialize_hooked = True

@@ -1,0 +1,291 @@
+"""`QueryWatchMiddleware`: one unit of work per HTTP request, as a pure ASGI middleware.
+
+For each HTTP request it opens a unit of work, binds the request id to structlog's contextvars,
+calls the app, and in `finally` resolves the route template, closes the unit (detection, then the
+reporters) and resets the context — also when the app raises (the exception passes through
+unchanged, status recorded as 500) and when the client disconnects. Lifespan and websocket scopes
+pass straight through. Per-request state lives in local variables, never on `self`.
+
+It needs no framework: the route template is read from the scope after the app ran (Starlette
+and FastAPI put the matched route there); requests no route matched share one label.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from typing import Any
+
+from structlog.contextvars import bind_contextvars, reset_contextvars
+
+from querywatch import _guard
+from querywatch.collection import Collector, close_unit, open_unit
+from querywatch.settings import Settings
+
+__all__ = ["UNMATCHED_ROUTE", "QueryWatchMiddleware", "resolve_route"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The `route` label of every request no route matched (404 scanners, CORS preflights).
+UNMATCHED_ROUTE = "<unmatched>"
+#: Methods kept as the `method` label; anything else is `OTHER` (methods are client input).
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+#: A request id taken from the client: bounded, and only characters safe in logs and headers.
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
+#: Status of a request whose client went away before a response started (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class QueryWatchMiddleware:
+    """Audit every HTTP request of an ASGI app: count, time and check its SQL statements, log
+    a `querywatch.request` event and findings, and record the Prometheus metrics.
+
+    `settings` defaults to the process-wide settings at the time of each request;
+    `registry` is the Prometheus registry to record into (`metrics=False`: none);
+    `exclude_paths` are paths (without root path) that are passed through unaudited.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings | None = None,
+        registry: Any = None,
+        metrics: bool = True,
+        exclude_paths: Collection[str] = (),
+    ) -> None:
+        if settings is not None and not isinstance(settings, Settings):
+            raise TypeError(
+                f"QueryWatchMiddleware(settings=...) takes a querywatch.Settings, "
+                f"got {type(settings).__name__}"
+            )
+        self.app = app
+        self.settings = settings
+        self.exclude_paths = frozenset(exclude_paths)
+        from querywatch import reporting
+
+        reporting.install()
+        if metrics:
+            from querywatch import metrics as metrics_module
+
+            metrics_module.install(registry)
+        _install_framework_hooks()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.exclude_paths and _route_path(scope) in self.exclude_paths:
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        method = scope.get("method", "GET")
+        if method not in KNOWN_METHODS:
+            method = "OTHER"
+        base_root_path = scope.get("app_root_path", scope.get("root_path", ""))
+        header_name, request_id = _request_id(scope, settings)
+        collector: Collector | None = None
+        token: Any = None
+        log_tokens: Any = None
+        try:
+            collector, token = open_unit(method, settings=settings, kind="request")
+            log_tokens = bind_contextvars(request_id=request_id)
+        except Exception as exc:
+            _guard.internal_error("middleware", exc)
+        if collector is None:
+            await self.app(scope, receive, send)
+            return
+        # Per-request state: plain locals shared with the closures below.
+        status = 0
+        disconnected = False
+        server_timing = collector.settings.server_timing
+        request_id_bytes = request_id.encode("latin-1")
+
+        async def receive_wrapper() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                try:
+                    status = message["status"]
+                    message = _with_headers(
+                        message, header_name, request_id_bytes, collector, server_timing
+                    )
+                except Exception as exc:
+                    _guard.internal_error("middleware", exc)
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            raise_findings = error is None
+            try:
+                if error is not None:
+                    if isinstance(error, Exception):
+                        status = 500
+                    elif not status:  # cancelled: the client went away
+                        status = CLIENT_CLOSED_REQUEST
+                        disconnected = True
+                elif disconnected and not status:
+                    status = CLIENT_CLOSED_REQUEST
+                route = resolve_route(scope, base_root_path)
+                collector.name = f"{method} {route}"
+                http: dict[str, Any] = {
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "request_id": request_id,
+                    "path": scope.get("path", ""),
+                }
+                if disconnected:
+                    http["disconnected"] = True
+                if error is not None:
+                    http["error"] = type(error).__name__
+                collector.http = http
+            except Exception as exc:
+                _guard.internal_error("middleware", exc)
+            try:
+                close_unit(collector, token, raise_findings=raise_findings)
+            finally:
+                if log_tokens is not None:
+                    reset_contextvars(**log_tokens)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :]
+    return path
+
+
+def _request_id(scope: Scope, settings: Settings | None) -> tuple[bytes, str]:
+    """The request id header name (lower-case bytes) and the request's id."""
+    name = (settings.request_id_header if settings is not None else _default_header()).lower()
+    header = name.encode("latin-1")
+    for key, value in scope.get("headers", ()):
+        if key == header:
+            if _SANE_REQUEST_ID.fullmatch(value):
+                return header, value.decode("latin-1")
+            break
+    return header, os.urandom(16).hex()
+
+
+def _default_header() -> str:
+    from querywatch.collection import default_settings
+
+    return default_settings().request_id_header
+
+
+def _with_headers(
+    message: Message,
+    header: bytes,
+    request_id: bytes,
+    collector: Collector,
+    server_timing: bool,
+) -> Message:
+    headers = list(message.get("headers", ()))
+    if not any(key.lower() == header for key, _ in headers):
+        headers.append((header, request_id))
+    if server_timing:
+        ms = collector.db_seconds * 1000
+        n = collector.statements
+        noun = "statement" if n == 1 else "statements"
+        headers.append((b"server-timing", f'db;dur={ms:.1f};desc="{n} {noun}"'.encode()))
+    return {**message, "headers": headers}
+
+
+def resolve_route(scope: Scope, base_root_path: str = "") -> str:
+    """The route template a finished request matched, or `UNMATCHED_ROUTE`.
+
+    Reads what the routers left in the scope: `scope["route"]` (Starlette ≥ 0.x sets it for
+    every route; FastAPI's `APIRoute` too), FastAPI's effective route context for routers
+    included with a prefix (FastAPI ≥ 0.120 keeps the router's own route there, whose
+    `path_format` lacks the prefix), and the mount prefixes accumulated in `root_path`.
+    """
+    route = scope.get("route")
+    if route is None:
+        return UNMATCHED_ROUTE
+    template = getattr(route, "path_format", None)
+    if not isinstance(template, str):
+        return UNMATCHED_ROUTE
+    kind = _route_kind(route)
+    if kind == "host":
+        return UNMATCHED_ROUTE
+    if kind == "mount":
+        # A mounted app without routes (static files), or whose routes matched nothing: the
+        # mount's own prefix is already in root_path, the label is `<prefix>/{path}`.
+        template = "/{path}"
+    fastapi_scope = scope.get("fastapi")
+    if isinstance(fastapi_scope, dict):
+        context = fastapi_scope.get("effective_route_context")
+        if context is not None and getattr(context, "original_route", None) is route:
+            effective = getattr(context, "path_format", None)
+            if isinstance(effective, str):
+                template = effective
+    root_path: str = scope.get("root_path", "")
+    if root_path != base_root_path and root_path.startswith(base_root_path):
+        prefix = root_path[len(base_root_path) :]
+        params = scope.get("path_params")
+        if params:
+            own = getattr(route, "param_convertors", {})
+            for key, value in params.items():
+                if key not in own:
+                    # a parameter of a mount: put its name back in place of its value
+                    prefix = prefix.replace(f"/{value}", f"/{{{key}}}", 1)
+        template = prefix + template
+    return template
+
+
+_mount_type: type | None = None
+_host_type: type | None = None
+
+
+def _route_kind(route: Any) -> str:
+    global _mount_type, _host_type
+    if _mount_type is None:
+        try:
+            from starlette.routing import Host, Mount
+        except ImportError:  # pragma: no cover - no Starlette, no mounts
+            return "route"
+        _mount_type, _host_type = Mount, Host
+    if isinstance(route, _mount_type):
+        return "mount"
+    if _host_type is not None and isinstance(route, _host_type):
+        return "host"
+    return "route"
+
+
+_hooks_installed = False
+
+
+def _install_framework_hooks() -> None:
+    """Tag FastAPI's response-model serialization as the `serialization` phase (once)."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    import sys
+
+    if "fastapi" not in sys.modules:
+        return
+    _hooks_installed = True
+    with _guard.guard("middleware"):
+        from querywatch import fastapi as fastapi_glue
+
+        fastapi_glue.install_serialization_hook()

@@ -1,0 +1,137 @@
+"""The structlog reporter: a `querywatch.request` event per HTTP request, one event per finding.
+
+Events carry JSON-friendly values only, and never bound parameter values. Levels: `info` for a
+clean request, `warning` for findings, `error` for pool timeouts and lazy loads after close.
+`Settings.log_requests` decides which requests log `querywatch.request` (finding events are
+always logged); units that are not HTTP requests (`watch()`) log their finding events with
+`unit=<name>` instead of route and request id.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from querywatch import _guard
+from querywatch.collection import Report, add_reporter
+from querywatch.findings import Finding
+
+__all__ = ["install", "log_report", "uninstall"]
+
+#: Finding kinds counted on the `querywatch.request` event, in this order.
+FINDING_KINDS = (
+    "n_plus_one",
+    "duplicate_query",
+    "bulk_write",
+    "lazy_load_after_close",
+    "connection_leak",
+)
+#: Finding kinds logged at `error` rather than `warning`.
+ERROR_KINDS = frozenset({"lazy_load_after_close", "pool_timeout"})
+
+_logger = structlog.get_logger("querywatch")
+_remove: Callable[[], None] | None = None
+
+
+def install() -> None:
+    """Register the structlog reporter (once per process; later calls do nothing)."""
+    global _remove
+    if _remove is None:
+        _remove = add_reporter(log_report)
+
+
+def uninstall() -> None:
+    """Unregister the structlog reporter."""
+    global _remove
+    if _remove is not None:
+        _remove()
+        _remove = None
+
+
+def _context(report: Report) -> dict[str, Any]:
+    http = report._c.http
+    if http is None:
+        return {"unit": report.name, "unit_kind": report.kind}
+    return {"route": http.get("route"), "method": http.get("method"),
+            "request_id": http.get("request_id")}  # fmt: skip
+
+
+def log_report(report: Report) -> None:
+    """Log one finished unit of work (the reporter `install()` registers)."""
+    _guard.maybe_fail("reporter")
+    collector = report._c
+    settings = collector.settings
+    if not settings.enabled:
+        return
+    findings = report.findings_to_report()
+    usage = collector.pool
+    timeouts = usage.timeouts
+    if findings or timeouts:
+        context = _context(report)
+        max_sql = settings.max_sql_length
+        for finding in findings:
+            _log_finding(finding, context, max_sql)
+        if timeouts:
+            _logger.error(
+                "querywatch.pool_timeout",
+                **context,
+                kind="pool_timeout",
+                timeouts=timeouts,
+                pool_wait_ms=round(usage.wait_seconds * 1000, 3),
+                pool_checkouts=usage.checkouts,
+            )
+    http = collector.http
+    if http is None:
+        return
+    policy = settings.log_requests
+    if policy == "none":
+        return
+    clean = not findings and not timeouts
+    if clean and (
+        policy == "findings"
+        or (policy == "sampled" and random.random() >= settings.log_sample_rate)
+    ):
+        return
+    counts = dict.fromkeys(FINDING_KINDS, 0)
+    worst = "info"
+    for finding in findings:
+        kind = finding.kind
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind in ERROR_KINDS:
+            worst = "error"
+        elif worst == "info":
+            worst = "warning"
+    if timeouts:
+        worst = "error"
+    fields: dict[str, Any] = {
+        "method": http.get("method"),
+        "route": http.get("route"),
+        "status": http.get("status"),
+        "duration_ms": round(report.duration_seconds * 1000, 3),
+        "request_id": http.get("request_id"),
+        "db_statements": collector.statements,
+        "db_ms": round(collector.db_seconds * 1000, 3),
+        "findings": len(findings),
+        **counts,
+        "pool_timeout": timeouts,
+        "pool_checkouts": usage.checkouts,
+        "pool_wait_ms": round(usage.wait_seconds * 1000, 3),
+        "pool_leaked": len(usage.leaked),
+    }
+    if http.get("disconnected"):
+        fields["disconnected"] = True
+    error = http.get("error")
+    if error is not None:
+        fields["error"] = error
+    getattr(_logger, worst)("querywatch.request", **fields)
+
+
+def _log_finding(finding: Finding, context: dict[str, Any], max_sql: int) -> None:
+    fields = {**context, **finding.as_log_fields(max_sql_length=max_sql)}
+    if finding.kind in ERROR_KINDS:
+        _logger.error(finding.event, **fields)
+    else:
+        _logger.warning(finding.event, **fields)

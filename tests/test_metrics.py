@@ -1,0 +1,280 @@
+"""Prometheus metrics: exact values read back from a real registry and from a /metrics scrape,
+built once per registry, valid for promtool, and summed over worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import querywatch
+from querywatch import _guard, metrics
+from querywatch.collection import STATEMENT_BUCKETS
+from querywatch.fastapi import setup
+from querywatch.instrumentation import instrumented_engines
+from querywatch.middleware import QueryWatchMiddleware
+from tests.web_apps import fastapi_app, run_statements
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def _pool(engine: sa.Engine) -> str:
+    (handle,) = [h for h in instrumented_engines() if h.engine is engine]
+    return handle.name
+
+
+async def test_request_histograms_are_exact(web_engine: sa.Engine) -> None:
+    """Statements per request land in the right buckets of their route and method."""
+    registry = CollectorRegistry()
+    app = fastapi_app(web_engine)
+    app.add_middleware(QueryWatchMiddleware, registry=registry)
+    async with _client(app) as c:
+        for n in (0, 3, 3, 21):
+            await c.get(f"/items/{n}")
+    labels = {"route": "/items/{n}", "method": "GET"}
+
+    def sample(suffix: str, **extra: str) -> float | None:
+        return registry.get_sample_value(
+            f"querywatch_request_db_statements{suffix}", {**labels, **extra}
+        )
+
+    assert sample("_count") == 4
+    assert sample("_sum") == 27
+    assert [sample("_bucket", le=le) for le in ("0.0", "2.0", "3.0", "13.0", "21.0")] == [
+        1,
+        1,
+        3,
+        3,
+        4,
+    ]
+    assert registry.get_sample_value("querywatch_request_db_seconds_count", labels) == 4
+
+
+async def test_statement_durations_are_flushed_per_bucket(web_engine: sa.Engine) -> None:
+    """The statement histogram counts every statement of a request once, with the exact sum."""
+    registry = CollectorRegistry()
+    seen: list[querywatch.Report] = []
+    remove = querywatch.add_reporter(seen.append)
+    app = fastapi_app(web_engine)
+    app.add_middleware(QueryWatchMiddleware, registry=registry)
+    try:
+        async with _client(app) as c:
+            await c.get("/items/7")
+    finally:
+        remove()
+    labels = {"pool": _pool(web_engine), "operation": "SELECT"}
+    name = "querywatch_db_statement_duration_seconds"
+    assert registry.get_sample_value(f"{name}_count", labels) == 7
+    assert registry.get_sample_value(f"{name}_sum", labels) == pytest.approx(seen[0].db_seconds)
+    top = repr(float(STATEMENT_BUCKETS[-1]))
+    assert registry.get_sample_value(f"{name}_bucket", {**labels, "le": top}) == 7
+
+
+def test_nested_units_count_each_statement_once(sqlite_web_engine: sa.Engine) -> None:
+    """A job inside a job: each statement reaches the statement histogram once."""
+    registry = CollectorRegistry()
+    metrics.install(registry)
+    with querywatch.watch("outer"):
+        run_statements(sqlite_web_engine, 2)
+        with querywatch.watch("inner"):
+            run_statements(sqlite_web_engine, 3, tag=1)
+    labels = {"pool": _pool(sqlite_web_engine), "operation": "SELECT"}
+    count = registry.get_sample_value("querywatch_db_statement_duration_seconds_count", labels)
+    assert count == 5
+
+
+def test_install_is_idempotent_per_registry() -> None:
+    """Installing twice into one registry returns the same metrics (no duplicate error)."""
+    registry = CollectorRegistry()
+    assert metrics.install(registry) is metrics.install(registry)
+
+
+async def test_apps_built_many_times_and_rebuilt_stacks(sqlite_web_engine: sa.Engine) -> None:
+    """Many apps on one registry, and Starlette rebuilding a stack, never duplicate metrics."""
+    registry = CollectorRegistry()
+    for _ in range(5):
+        app = fastapi_app(sqlite_web_engine)
+        setup(app, sqlite_web_engine, registry=registry)
+        app.middleware_stack = app.build_middleware_stack()
+        app.middleware_stack = app.build_middleware_stack()
+        async with _client(app) as c:
+            assert (await c.get("/items/1")).status_code == 200
+    labels = {"route": "/items/{n}", "method": "GET"}
+    assert registry.get_sample_value("querywatch_request_db_statements_count", labels) == 5
+
+
+def test_internal_errors_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal error swallowed by the guard increments its component's counter."""
+    registry = CollectorRegistry()
+    metrics.install(registry)
+    monkeypatch.setattr(_guard, "raise_internal_errors", False)
+    with _guard.guard("reporter"):
+        raise ValueError("a bug of ours")
+    value = registry.get_sample_value("querywatch_internal_errors_total", {"component": "reporter"})
+    assert value == 1
+
+
+async def test_pool_metrics_read_at_scrape_time(web_engine: sa.Engine) -> None:
+    """Pool counters and gauges come from the pool's own statistics when Prometheus scrapes."""
+    from querywatch import pool
+
+    registry = CollectorRegistry()
+    app = fastapi_app(web_engine)
+    setup(app, web_engine, registry=registry)
+    async with _client(app) as c:
+        for n in (1, 2, 3):
+            await c.get(f"/items/{n}")
+    name = _pool(web_engine)
+    stats = pool.stats_for(web_engine)
+    assert stats is not None
+    checkouts = registry.get_sample_value("querywatch_db_pool_checkouts_total", {"pool": name})
+    assert checkouts == stats.checkouts_total >= 3
+    used = registry.get_sample_value(
+        "querywatch_db_pool_connections", {"pool": name, "state": "used"}
+    )
+    assert used == 0
+    wait_count = registry.get_sample_value("querywatch_db_pool_wait_seconds_count", {"pool": name})
+    assert wait_count == stats.wait.count
+    if web_engine.dialect.name == "postgresql":
+        maximum = registry.get_sample_value("querywatch_db_pool_connections_max", {"pool": name})
+        assert maximum == 15  # QueuePool default: pool_size 5 + max_overflow 10
+
+
+async def test_metrics_scrape_is_exact_and_passes_promtool(web_engine: sa.Engine) -> None:
+    """A real /metrics scrape holds the exact figures and passes `promtool check metrics`."""
+    registry = CollectorRegistry()
+    app = fastapi_app(web_engine)
+    setup(app, web_engine, registry=registry)
+    async with _client(app) as c:
+        await c.get("/items/5")
+        await c.get("/v1/things/1")
+        scrape = await c.get("/metrics")
+    assert scrape.status_code == 200
+    assert scrape.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
+    sums = {
+        s.labels["route"]: s.value
+        for s in families["querywatch_request_db_statements"].samples
+        if s.name.endswith("_sum")
+    }
+    assert sums == {"/items/{n}": 5, "/v1/things/{thing_id}": 1}  # /metrics itself is excluded
+    _promtool_check(scrape.text)
+
+
+def _promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing in CI (apt-get install prometheus)")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+_WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    import httpx, sqlalchemy as sa
+    from fastapi import FastAPI
+    from prometheus_client import CollectorRegistry
+    from querywatch.fastapi import setup
+
+    mode, db, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    engine = sa.create_engine(f"sqlite:///{db}")
+    app = FastAPI()
+
+    @app.get("/items/{n}")
+    def items(n: int) -> dict:
+        with engine.connect() as conn:
+            for i in range(n):
+                conn.execute(sa.select(sa.bindparam("i", type_=sa.Integer)), {"i": i})
+        return {}
+
+    setup(app, {"main": engine}, registry=CollectorRegistry())
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            if mode == "scrape":
+                sys.stdout.write((await c.get("/metrics")).text)
+                return
+            for _ in range(requests):
+                assert (await c.get("/items/3")).status_code == 200
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_multiprocess_workers_sum_up(tmp_path: Path) -> None:
+    """Two worker processes write into one PROMETHEUS_MULTIPROC_DIR; a scrape sums them."""
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    db = tmp_path / "db.sqlite"
+    workers = [
+        subprocess.Popen([sys.executable, str(script), "serve", str(db), str(n)], env=env)
+        for n in (2, 5)
+    ]
+    assert [w.wait(timeout=60) for w in workers] == [0, 0]
+    scraped = subprocess.run(
+        [sys.executable, str(script), "scrape", str(db), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    families = {f.name: f for f in text_string_to_metric_families(scraped)}
+    (count,) = [
+        s.value
+        for s in families["querywatch_request_db_statements"].samples
+        if s.name.endswith("_count")
+    ]
+    assert count == 7
+    statements = [
+        s.value
+        for s in families["querywatch_db_statement_duration_seconds"].samples
+        if s.name.endswith("_count")
+    ]
+    assert statements == [21]
+    checkouts = [s.value for s in families["querywatch_db_pool_checkouts"].samples]
+    assert checkouts == [7]
+    _promtool_check(scraped)
+    # gunicorn's child_exit hook: a dead worker's live gauges leave the sum.
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    labels = {"pool": "main", "state": "idle"}
+    assert registry.get_sample_value("querywatch_db_pool_connections", labels) == 2
+    mark_process_dead(workers[0].pid, path=str(directory))  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    assert registry.get_sample_value("querywatch_db_pool_connections", labels) == 1
+
+
+def test_fastapi_app_is_importable_without_a_registry_argument() -> None:
+    """`install()` without a registry uses prometheus_client's global REGISTRY, once."""
+    from prometheus_client import REGISTRY
+
+    assert metrics.install() is metrics.install(REGISTRY)
+    assert isinstance(FastAPI(), FastAPI)
