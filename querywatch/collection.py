@@ -54,6 +54,10 @@ MAX_CALLSITES = 64
 MAX_OTHER_POOL_DURATIONS = 1024
 
 _current: ContextVar[Collector | None] = ContextVar("querywatch_collector", default=None)
+#: The parent of units opened where no unit is current (a thread that did not inherit the
+#: context): the pytest plugin's test unit, so that requests a `TestClient` serves from its
+#: portal thread count toward the test whichever way anyio propagates the context.
+_fallback_parent: Collector | None = None
 
 _settings = DEFAULT_SETTINGS
 _reporters: list[Callable[[Report], None]] = []
@@ -459,8 +463,21 @@ def open_unit(
     name: str, *, settings: Settings | None = None, kind: str = "job"
 ) -> tuple[Collector, Token[Collector | None]]:
     """Start a unit of work in the current context. The middleware and `watch()` use this."""
-    collector = Collector(name, settings or _settings, _current.get(), kind)
+    parent = _current.get()
+    if parent is None:
+        fallback = _fallback_parent
+        if fallback is not None and not fallback.closed:
+            parent = fallback
+    collector = Collector(name, settings or _settings, parent, kind)
     return collector, _current.set(collector)
+
+
+def set_fallback_parent(collector: Collector | None) -> Collector | None:
+    """Make `collector` the parent of units opened where no unit is current (in any thread);
+    returns the previous one. The pytest plugin sets its test unit here while a test runs."""
+    global _fallback_parent
+    previous, _fallback_parent = _fallback_parent, collector
+    return previous
 
 
 def close_unit(

@@ -1,0 +1,289 @@
+"""Assertions on the statements a block of code runs, for any test framework.
+
+`assert_max_statements(n)` and `assert_no_n_plus_one()` are context managers built on
+`querywatch.watch(kind="test")`: usable in pytest, unittest or a plain script, in sync and async
+code. A failed assertion raises `QueryAssertionError` (an `AssertionError`, so unittest reports
+a failure, not an error) whose message lists what a developer needs to fix it: the count
+against the budget, the statement shapes, and each finding with its call site and fix.
+
+Units of work opened inside the block (the requests of a `TestClient`, `watch()` jobs) count
+toward it: their statements through the nesting rule, their findings gathered when they end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+from querywatch.collection import (
+    Collector,
+    Report,
+    add_reporter,
+    default_settings,
+    set_fallback_parent,
+    watch,
+)
+from querywatch.findings import Finding
+from querywatch.settings import Settings
+
+__all__ = [
+    "QueryAssertionError",
+    "assert_max_statements",
+    "assert_no_n_plus_one",
+    "describe_budget",
+    "describe_findings",
+]
+
+#: Statement shapes listed in a budget failure (most executed first).
+MAX_SHAPES_SHOWN = 10
+#: Longest statement shape shown in a failure message.
+MAX_SHAPE_CHARS = 200
+
+
+class QueryAssertionError(AssertionError):
+    """A block of code ran more statements than its budget, or had a finding it must not have."""
+
+    def __init__(self, message: str, *, report: Report, findings: Sequence[Finding] = ()) -> None:
+        super().__init__(message)
+        self.report = report
+        self.findings = tuple(findings)
+
+
+class WatchedUnit:
+    """A `watch()` unit of kind `test` that also gathers the findings of the units nested in it.
+
+    Findings are detected, and reported, by the innermost unit; a test wants all of them,
+    including those of the requests it made. The unit is also the fallback parent while it is
+    open, so units opened in threads that did not inherit the context still nest in it.
+    """
+
+    __slots__ = ("_nested", "_previous_fallback", "_remove_reporter", "_watch", "report")
+
+    def __init__(self, name: str, *, settings: Settings | None = None) -> None:
+        # `log`: the unit never warns or raises by itself; the assertion decides.
+        self._watch = watch(name, settings=settings or default_settings(), mode="log", kind="test")
+        self._nested: list[Finding] = []
+        self._previous_fallback: Collector | None = None
+        self._remove_reporter: Any = None
+        self.report: Report | None = None
+
+    def open(self) -> Report:
+        report = self.report = self._watch.__enter__()
+        collector = report._c
+        nested = self._nested
+
+        def gather(finished: Report) -> None:
+            c = finished._c
+            if c is not collector and collector in c.chain:
+                nested.extend(finished.findings)
+
+        self._remove_reporter = add_reporter(gather)
+        self._previous_fallback = set_fallback_parent(collector)
+        return report
+
+    def close(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
+        set_fallback_parent(self._previous_fallback)
+        try:
+            self._watch.__exit__(exc_type, exc, tb)
+        finally:
+            if self._remove_reporter is not None:
+                self._remove_reporter()
+                self._remove_reporter = None
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        """The unit's findings and those of every unit nested in it, each once."""
+        own = self.report.findings if self.report is not None else ()
+        seen: set[str] = set()
+        unique: list[Finding] = []
+        for finding in (*own, *self._nested):
+            if finding.id not in seen:
+                seen.add(finding.id)
+                unique.append(finding)
+        return tuple(unique)
+
+
+def _clip(text: str, limit: int = MAX_SHAPE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _headline(finding: Finding) -> str:
+    kind = finding.kind
+    get = getattr
+    ms = f"{get(finding, 'seconds', 0.0) * 1000:.1f} ms"
+    if kind == "n_plus_one":
+        subject = get(finding, "relationship", None)
+        count = get(finding, "count", 0)
+        pattern = get(finding, "pattern", "statement_loop")
+        if subject and pattern == "expired_load":
+            return f"N+1: expired attributes of {subject} reloaded {count} times ({ms})"
+        if subject:
+            return f"N+1: {subject} lazy-loaded {count} times ({ms})"
+        return f"N+1: one statement ran {count} times from one call site ({ms})"
+    if kind == "duplicate_query":
+        return f"duplicate query: ran {get(finding, 'count', 0)} times with the same parameters"
+    if kind == "bulk_write":
+        operation = get(finding, "operation", "write")
+        return f"{operation} in a loop: {get(finding, 'count', 0)} statements ({ms})"
+    if kind == "lazy_load_after_close":
+        model, attribute = get(finding, "model", "?"), get(finding, "attribute", "?")
+        return f"lazy load after close: {model}.{attribute} ({get(finding, 'error', '')})"
+    if kind == "connection_leak":
+        return f"connection leak: a connection of pool {get(finding, 'pool', '?')!r} never returned"
+    return finding.describe()
+
+
+def describe_finding(finding: Finding) -> list[str]:
+    """A finding as indented lines: what, where, which statement, the fix, and its id."""
+    lines = [f"  - {_headline(finding)}"]
+    lines.append(f"      at: {finding.callsite or 'unknown call site'}")
+    phase = getattr(finding, "phase", "handler")
+    if phase != "handler":
+        lines.append(f"      phase: {phase}")
+    fingerprint = getattr(finding, "fingerprint", None)
+    if fingerprint:
+        lines.append(f"      statement: {_clip(fingerprint)}")
+    suggestion = getattr(finding, "suggestion", None)
+    if suggestion:
+        lines.append(f"      fix: {suggestion}")
+    lines.append(f"      id: {finding.id}")
+    return lines
+
+
+def describe_findings(findings: Iterable[Finding]) -> list[str]:
+    """Every finding as indented lines (see `describe_finding`)."""
+    lines: list[str] = []
+    for finding in findings:
+        lines.extend(describe_finding(finding))
+    return lines
+
+
+def describe_budget(
+    report: Report, max_statements: int, *, unit: str, findings: Iterable[Finding] = ()
+) -> str:
+    """The message of an exceeded statement budget: count, budget, shapes, likely causes."""
+    count = report.statements
+    lines = [
+        f"querywatch: {unit} ran {count} statements, budget is {max_statements} "
+        f"(max_statements={max_statements})",
+        "statements by shape, most executed first:",
+    ]
+    shapes = sorted(report.fingerprints.items(), key=lambda item: -item[1])
+    for fingerprint, executions in shapes[:MAX_SHAPES_SHOWN]:
+        lines.append(f"  {executions:>4} x {_clip(fingerprint)}")
+    if len(shapes) > MAX_SHAPES_SHOWN:
+        rest = sum(n for _, n in shapes[MAX_SHAPES_SHOWN:])
+        lines.append(f"  ... {len(shapes) - MAX_SHAPES_SHOWN} more shapes ({rest} statements)")
+    causes = [f for f in findings if f.kind in ("n_plus_one", "bulk_write", "duplicate_query")]
+    if causes:
+        lines.append("likely cause:")
+        lines.extend(describe_findings(causes))
+    return "\n".join(lines)
+
+
+class _Assertion:
+    """Shared `with`/`async with` plumbing of the assertion context managers."""
+
+    __slots__ = ("_unit",)
+
+    def __init__(self, name: str, settings: Settings | None) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError("the assertion needs a non-empty name")
+        self._unit = WatchedUnit(name, settings=settings)
+
+    def __enter__(self) -> Report:
+        return self._unit.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._unit.close(exc_type, exc, tb)
+        if exc_type is None:
+            self._check()
+
+    async def __aenter__(self) -> Report:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def _check(self) -> None:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+
+class assert_max_statements(_Assertion):  # used like a function
+    """Fail when the block runs more than `max_statements` SQL statements.
+
+    `with assert_max_statements(3) as report:` - the report is live inside the block and final
+    after it. Statements of requests and jobs run inside the block count too.
+    """
+
+    __slots__ = ("_max",)
+
+    def __init__(
+        self,
+        max_statements: int,
+        *,
+        name: str = "assert_max_statements",
+        settings: Settings | None = None,
+    ) -> None:
+        if isinstance(max_statements, bool) or not isinstance(max_statements, int):
+            raise TypeError(f"max_statements must be an integer, got {max_statements!r}")
+        if max_statements < 0:
+            raise ValueError(f"max_statements must be at least 0, got {max_statements}")
+        super().__init__(name, settings)
+        self._max = max_statements
+
+    def _check(self) -> None:
+        unit = self._unit
+        report = unit.report
+        assert report is not None
+        if report.statements > self._max:
+            findings = unit.findings
+            message = describe_budget(report, self._max, unit="the block", findings=findings)
+            raise QueryAssertionError(message, report=report, findings=findings)
+
+
+class assert_no_n_plus_one(_Assertion):  # used like a function
+    """Fail when the block has an N+1 finding (lazy loads per object, or a per-item query).
+
+    `threshold` overrides `Settings.n_plus_one_threshold` for statements run directly in the
+    block (tests often want a stricter threshold than production).
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        *,
+        threshold: int | None = None,
+        name: str = "assert_no_n_plus_one",
+        settings: Settings | None = None,
+    ) -> None:
+        if threshold is not None:
+            settings = (settings or default_settings()).replace(n_plus_one_threshold=threshold)
+        super().__init__(name, settings)
+
+    def _check(self) -> None:
+        unit = self._unit
+        report = unit.report
+        assert report is not None
+        found = [f for f in unit.findings if f.kind == "n_plus_one"]
+        if found:
+            lines = [f"querywatch: {len(found)} N+1 finding(s) in the block:"]
+            lines.extend(describe_findings(found))
+            raise QueryAssertionError("\n".join(lines), report=report, findings=found)
