@@ -39,6 +39,7 @@ def create_app(
     engine = create_async_engine(parsed, **engine_options(parsed))
     app = FastAPI(title="querywatch example shop (async)")
     app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+    app.state.engines = (engine,)
     querywatch.fastapi.setup(app, {"shop": engine}, settings=settings, registry=registry)
     app.include_router(router)
     add_error_handlers(app)
