@@ -499,6 +499,10 @@ def close_unit(
     collector.active = False
     with _guard.guard("collector"):
         collector.fold()
+    with _guard.guard("pool"):
+        from querywatch import pool
+
+        pool.finish_unit(collector)  # connections still out are leaks, found before detection
     findings: list[Finding] = []
     with _guard.guard("detection"):
         _guard.maybe_fail("detection")

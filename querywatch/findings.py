@@ -155,10 +155,16 @@ class ConnectionLeakFinding(Finding):
     pool: str
     held_seconds: float
     suggestion: str
+    #: The unit of work the connection leaked from (`GET /items/{id}`, a `watch()` name).
+    unit: str | None = None
+    #: Connections leaked from this call site in the unit of work.
+    connections: int = 1
 
     def describe(self) -> str:
+        what = "a connection" if self.connections == 1 else f"{self.connections} connections"
+        unit = f" {self.unit!r}" if self.unit else ""
         return (
-            f"connection leak: a connection of pool {self.pool!r} checked out at "
-            f"{self.callsite or 'unknown call site'} was still out when the unit of work ended; "
-            f"fix: {self.suggestion}"
+            f"connection leak: {what} of pool {self.pool!r} checked out at "
+            f"{self.callsite or 'unknown call site'} still out when the unit of work{unit} "
+            f"ended ({self.held_seconds:.2f} s); fix: {self.suggestion}"
         )

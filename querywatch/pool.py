@@ -1,14 +1,550 @@
-"""Connection-pool auditing (lands with the pool issue)."""
+"""Connection-pool auditing: checkouts, waits, hold times, timeouts, leaks and pool state.
+
+What is measured, and where
+---------------------------
+SQLAlchemy fires no event before a checkout, none on a pool timeout, and its `checkin` event
+fires before the connection is back in the pool. So the hot path is measured by wrapping two
+methods of each pool *instance* (never its class): `Pool.connect` (wait, pending requests,
+timeouts, the checkout itself) and `Pool._return_conn` (the checkin, once the connection is back
+in the queue). `Pool.recreate` is wrapped too, so the pool that `engine.dispose()` puts in place
+is wrapped before its first use. Each wrapper calls the original first-class: the pool behaves
+exactly as before, and its exceptions pass through unchanged. The rarer events are SQLAlchemy
+pool events (which, unlike engine events, do not slow statement execution): `connect` (creation
+time), `invalidate` / `soft_invalidate`, `close`, `detach`, `close_detached`.
+
+`checkout`, `checkin` and `reset` are deliberately *not* listened to: every checkout+checkin
+cycle would pay SQLAlchemy's event dispatch for them (about 2 µs here), and the wrappers above
+see the same moments exactly.
+
+Per unit of work (`report.pool`, `querywatch.collection.PoolUsage`): checkouts, wait seconds,
+timeouts, the most connections held at once, and at the end the connections still checked out:
+one `ConnectionLeakFinding` per pool and call site, computed by `finish_unit()` just before the
+detectors run.
+
+Process-wide statistics (the API the Prometheus reporter reads)
+---------------------------------------------------------------
+One `PoolStats` per instrumented engine, surviving `engine.dispose()`:
+
+- `stats_for_all() -> list[PoolStats]`: every live instrumented engine's statistics;
+  `stats_for(engine) -> PoolStats | None` for one engine (sync or async).
+- `PoolStats.name`: the engine's `pool` label. Cumulative counters (ints, only ever grow):
+  `checkouts_total`, `checkins_total`, `checkout_timeouts_total`, `connections_opened_total`,
+  `connections_closed_total`, `invalidations_total` (a dict: `{"hard": n, "soft": n}`).
+- Histograms (`Histogram`: `bounds`, `counts` per bucket with +Inf last, `sum`, `count`,
+  `cumulative()` -> `[(upper_bound, cumulative_count), ..., (inf, count)]`):
+  `wait` (seconds waited for a connection, bounds `WAIT_BUCKETS`), `use` (seconds a connection
+  was held, checkout to checkin, `USE_BUCKETS`), `create` (seconds to open a new DBAPI
+  connection, `CREATE_BUCKETS`). `PoolStats.snapshot()` copies all figures consistently.
+- `PoolStats.state() -> PoolState`: read from the engine's current pool when called (at
+  collection time): `used`, `idle`, `max`, `overflow`, `pending`, `unlimited`. A figure a pool
+  class cannot report is `None`, never a guess; see `PoolState`.
+- `add_observer(callback) -> remove`: `callback(stats)` runs after each checkout, checkin and
+  timeout, and when a request starts waiting, so prometheus-client's multiprocess mode (where
+  custom collectors do not work) can set gauges from `stats.state()` as things change (when a
+  checkout starts waiting: only for a QueuePool with no idle connection). Observers run inside
+  the guard, on the thread that checked the connection out or in: keep them cheap.
+
+Counters and histograms are updated without a lock: each update is a single `+=` on an
+attribute or list item, which the GIL makes atomic, and a lock would double the cost of the
+cycle. Read several figures that must agree through `PoolStats.snapshot()`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from querywatch import _callsite
+from querywatch._guard import guard, internal_error, maybe_fail
+from querywatch.collection import Collector, _current
+from querywatch.findings import ConnectionLeakFinding, finding_id
 
 if TYPE_CHECKING:
     from querywatch.instrumentation import Instrumentation
 
+__all__ = [
+    "CREATE_BUCKETS",
+    "USE_BUCKETS",
+    "WAIT_BUCKETS",
+    "Histogram",
+    "PoolState",
+    "PoolStats",
+    "add_observer",
+    "attach",
+    "finish_unit",
+    "stats_for",
+    "stats_for_all",
+]
+
+#: Upper bounds (seconds) of the wait histogram: time a checkout waited for a connection.
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+#: Upper bounds (seconds) of the use histogram: time a connection was held, checkout to checkin.
+USE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+#: Upper bounds (seconds) of the create histogram: time to open a new DBAPI connection.
+CREATE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+LEAK_SUGGESTION = (
+    "close the Session or Connection when the unit of work ends: `with Session(engine) as "
+    "session:` (`async with` for AsyncSession), or a dependency that closes it in `finally`"
+)
+
+_CREATED_ATTR = "_querywatch_created"
+
+_observers: list[Callable[[PoolStats], None]] = []
+_stats: weakref.WeakKeyDictionary[Instrumentation, PoolStats] = weakref.WeakKeyDictionary()
+
+
+class Histogram:
+    """Bucket counts and sum of observations, with fixed bounds: cheap to record, ready to expose
+    as a Prometheus histogram."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        #: observations per bucket (not cumulative); the last one is +Inf
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """`(upper bound, observations <= bound)` per bucket, ending with `(inf, count)`."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+    def _copy(self) -> Histogram:
+        copy = Histogram(self.bounds)
+        copy.counts = list(self.counts)
+        copy.sum = self.sum
+        copy.count = self.count
+        return copy
+
+
+class PoolState(NamedTuple):
+    """The state of an engine's pool at one moment. `None` means "this pool class cannot say".
+
+    - `used`: connections checked out. QueuePool: `pool.checkedout()`; other pools: connections
+      querywatch saw checked out and not yet returned (counted from `instrument()` on).
+    - `idle`: connections open in the pool, ready for a checkout. QueuePool: `pool.checkedin()`;
+      NullPool: 0; StaticPool, SingletonThreadPool: None.
+    - `max`: most connections the pool allows, `pool_size + max_overflow`; None when
+      `unlimited` (QueuePool with `max_overflow=-1` or `pool_size=0`, NullPool) or unknown.
+    - `overflow`: connections open beyond `pool_size` (QueuePool only; `pool.status()`'s
+      "Current Overflow" is this figure minus the connections never opened, when negative).
+    - `pending`: checkouts waiting for (or opening) a connection right now. Every pool.
+    - `unlimited`: the pool sets no limit on connections (NullPool, unbounded QueuePool).
+    """
+
+    pool_class: str
+    used: int | None
+    idle: int | None
+    max: int | None
+    overflow: int | None
+    pending: int
+    unlimited: bool = False
+
+
+class PoolStats:
+    """Cumulative statistics and live state of one instrumented engine's pool(s)."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.name = name
+        self._engine_ref = weakref.ref(engine)
+        self.checkouts_total = 0
+        self.checkins_total = 0
+        self.checkout_timeouts_total = 0
+        self.connections_opened_total = 0
+        self.connections_closed_total = 0
+        self.invalidations_total: dict[str, int] = {"hard": 0, "soft": 0}
+        self.wait = Histogram(WAIT_BUCKETS)
+        self.use = Histogram(USE_BUCKETS)
+        self.create = Histogram(CREATE_BUCKETS)
+        #: checkouts in progress (waiting for or opening a connection)
+        self.pending = 0
+        #: connection record -> (checkout time, units of work holding it, innermost first): the
+        #: records querywatch saw checked out and not yet back
+        self._out: dict[object, tuple[float, tuple[Collector, ...]]] = {}
+        #: identifies this engine in the call-site memo
+        self._site_key = ("querywatch.pool", id(self))
+
+    def __repr__(self) -> str:
+        return (
+            f"<querywatch.PoolStats {self.name!r}: {self.checkouts_total} checkouts, "
+            f"{self.checkout_timeouts_total} timeouts>"
+        )
+
+    @property
+    def checked_out(self) -> int:
+        """Connections querywatch saw checked out and not yet returned."""
+        return len(self._out)
+
+    def snapshot(self) -> PoolStats:
+        """A copy of the counters and histograms, for reading several figures that agree with
+        each other (its `state()` stays live)."""
+        copy = PoolStats.__new__(PoolStats)
+        copy.__dict__.update(self.__dict__)
+        copy.invalidations_total = dict(self.invalidations_total)
+        copy.wait = self.wait._copy()
+        copy.use = self.use._copy()
+        copy.create = self.create._copy()
+        copy._out = dict(self._out)
+        return copy
+
+    def state(self) -> PoolState:
+        """The engine's current pool, read now. Figures a pool class cannot give are None."""
+        engine = self._engine_ref()
+        pending = self.pending
+        if engine is None:
+            return PoolState("", None, None, None, None, pending)
+        pool = engine.pool
+        kind = type(pool).__name__
+        if isinstance(pool, sa_pool.QueuePool):  # AsyncAdaptedQueuePool too
+            size = pool.size()
+            max_overflow = getattr(pool, "_max_overflow", None)
+            unlimited = max_overflow == -1 or size == 0
+            limit = None if max_overflow is None or unlimited else size + max_overflow
+            return PoolState(
+                kind,
+                used=pool.checkedout(),
+                idle=pool.checkedin(),
+                max=limit,
+                overflow=max(0, pool.overflow()),
+                pending=pending,
+                unlimited=unlimited,
+            )
+        used = len(self._out)
+        if isinstance(pool, sa_pool.NullPool):
+            return PoolState(kind, used, 0, None, None, pending, unlimited=True)
+        return PoolState(kind, used, idle=None, max=None, overflow=None, pending=pending)
+
+
+def stats_for(engine: Engine | AsyncEngine) -> PoolStats | None:
+    """The pool statistics of an instrumented engine, or None when it is not instrumented."""
+    from querywatch.instrumentation import _handles
+
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    handle = _handles.get(sync_engine)
+    if handle is None or handle.removed:
+        return None
+    return _stats.get(handle)
+
+
+def stats_for_all() -> list[PoolStats]:
+    """The pool statistics of every live instrumented engine."""
+    return [
+        stats
+        for handle, stats in list(_stats.items())
+        if not handle.removed and handle.engine is not None
+    ]
+
+
+def add_observer(callback: Callable[[PoolStats], None]) -> Callable[[], None]:
+    """Call `callback(stats)` after each checkout, checkin and timeout, and when a checkout
+    starts waiting; returns the removal function."""
+    _observers.append(callback)
+
+    def remove() -> None:
+        if callback in _observers:
+            _observers.remove(callback)
+
+    return remove
+
+
+def _notify(stats: PoolStats) -> None:
+    for observer in tuple(_observers):
+        try:
+            observer(stats)
+        except Exception as exc:
+            internal_error("pool", exc)
+
 
 def attach(handle: Instrumentation, engine: Engine) -> None:
-    """Attach the pool listeners of `engine` to `handle`."""
+    """Attach the pool auditing of `engine` to `handle`.
+
+    Nothing here holds the engine or its pools strongly from the handle (which the registry of
+    instrumented engines keeps): pools are remembered weakly, so an engine the application drops
+    is freed even when it was never uninstrumented."""
+    stats = PoolStats(engine, handle.name)
+    _stats[handle] = stats
+    wrapped: weakref.WeakSet[sa_pool.Pool] = weakref.WeakSet()
+    ours: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+    _wrap_pool(handle, stats, engine.pool, wrapped, ours)
+    listeners = _listeners(stats)
+    for identifier, fn in listeners.items():
+        # Through the engine: SQLAlchemy copies them to the pool `engine.dispose()` creates.
+        event.listen(engine, identifier, fn)
+
+    engine_ref = weakref.ref(engine)
+
+    def detach() -> None:
+        for pool in list(wrapped):
+            for name in ("connect", "_return_conn", "recreate"):
+                if pool.__dict__.get(name) in ours:
+                    del pool.__dict__[name]
+        wrapped.clear()
+        live_engine = engine_ref()
+        if live_engine is not None:
+            for identifier, fn in listeners.items():
+                # Removing through the engine removes the copies on every pool it has had.
+                if event.contains(live_engine, identifier, fn):
+                    event.remove(live_engine, identifier, fn)
+
+    handle.on_remove(detach)
+
+
+def _wrap_pool(
+    handle: Instrumentation,
+    stats: PoolStats,
+    pool: sa_pool.Pool,
+    wrapped: weakref.WeakSet[sa_pool.Pool],
+    ours: weakref.WeakSet[Callable[..., Any]],
+) -> None:
+    """Wrap `pool`'s connect, return and recreate methods (on the instance, calling the bound
+    originals, so the class and other pools are untouched)."""
+    if pool in wrapped:
+        return
+    connect = pool.connect
+    return_conn = pool._return_conn
+    recreate = pool.recreate
+    out = stats._out
+    wait_hist = stats.wait
+    use_hist = stats.use
+    name = stats.name
+    site_key = stats._site_key
+    observers = _observers
+    # Only a QueuePool makes a checkout wait: tell observers when one is about to.
+    checkedin = pool.checkedin if isinstance(pool, sa_pool.QueuePool) else None
+
+    def querywatch_connect() -> sa_pool.PoolProxiedConnection:
+        if handle.removed:
+            return connect()
+        t0 = perf_counter()
+        stats.pending += 1
+        if observers and checkedin is not None:
+            try:
+                if checkedin() == 0:
+                    _notify(stats)
+            except Exception as exc:
+                internal_error("pool", exc)
+        try:
+            fairy = connect()
+        except sa_exc.TimeoutError:
+            _timed_out(stats, perf_counter() - t0)
+            raise
+        except BaseException:
+            stats.pending -= 1
+            raise
+        now = perf_counter()
+        wait = -1.0  # stays negative unless this call checked a connection out
+        try:
+            record = fairy._connection_record
+            # The same record again is not a new checkout: SingletonThreadPool's nested connect,
+            # or StaticPool handing its one connection out twice.
+            if record not in out:
+                wait = now - t0
+                created = record.__dict__.pop(_CREATED_ATTR, None)
+                if created is not None and created[0] >= t0:
+                    # Opening a new connection is not waiting: that is the `create` histogram.
+                    wait = max(0.0, wait - created[1])
+                collector = _current.get()
+                if collector is not None and collector.active:
+                    units = collector.chain
+                    callsite = _callsite.capture_for(site_key, 1)
+                    entry = (name, now, callsite)
+                    key = id(record)
+                    for c in units:
+                        usage = c.pool
+                        usage.checkouts += 1
+                        usage.wait_seconds += wait
+                        held = usage.held
+                        held[key] = entry
+                        if len(held) > usage.max_held:
+                            usage.max_held = len(held)
+                else:
+                    units = ()
+                out[record] = (now, units)
+        except Exception as exc:
+            internal_error("pool", exc)
+        finally:
+            stats.pending -= 1
+            if wait >= 0.0:
+                stats.checkouts_total += 1
+                wait_hist.counts[bisect_left(wait_hist.bounds, wait)] += 1
+                wait_hist.sum += wait
+                wait_hist.count += 1
+        if observers:
+            _notify(stats)
+        return fairy
+
+    def querywatch_return_conn(record: sa_pool.ConnectionPoolEntry) -> None:
+        try:
+            return_conn(record)
+        finally:
+            try:
+                checked_out = out.pop(record, None)
+                if checked_out is not None:
+                    since, units = checked_out
+                    held_for = perf_counter() - since
+                    if units:
+                        key = id(record)
+                        for c in units:
+                            c.pool.held.pop(key, None)
+                    stats.checkins_total += 1
+                    use_hist.counts[bisect_left(use_hist.bounds, held_for)] += 1
+                    use_hist.sum += held_for
+                    use_hist.count += 1
+                if observers:
+                    _notify(stats)
+            except Exception as exc:
+                internal_error("pool", exc)
+
+    def querywatch_recreate() -> sa_pool.Pool:
+        new_pool = recreate()
+        if not handle.removed:
+            with guard("pool"):
+                _wrap_pool(handle, stats, new_pool, wrapped, ours)
+        return new_pool
+
+    for method_name, wrapper in (
+        ("connect", querywatch_connect),
+        ("_return_conn", querywatch_return_conn),
+        ("recreate", querywatch_recreate),
+    ):
+        ours.add(wrapper)
+        setattr(pool, method_name, wrapper)
+    wrapped.add(pool)
+
+
+def _timed_out(stats: PoolStats, waited: float) -> None:
+    try:
+        stats.pending -= 1
+        stats.checkout_timeouts_total += 1
+        stats.wait.observe(waited)
+        collector = _current.get()
+        if collector is not None and collector.active:
+            for c in collector.chain:
+                c.pool.timeouts += 1
+                c.pool.wait_seconds += waited
+        if _observers:
+            _notify(stats)
+    except Exception as exc:
+        internal_error("pool", exc)
+
+
+def _listeners(stats: PoolStats) -> dict[str, Callable[..., None]]:
+    """The pool event listeners recording into `stats`, by event name."""
+    out = stats._out
+
+    def on_connect(dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry) -> None:
+        try:
+            # `starttime` is stamped by the pool just before it calls the DBAPI's connect.
+            started = getattr(record, "starttime", None)
+            seconds = max(0.0, time.time() - started) if started else None
+            if seconds is not None:
+                setattr(record, _CREATED_ATTR, (perf_counter(), seconds))
+            stats.connections_opened_total += 1
+            if seconds is not None:
+                stats.create.observe(seconds)
+        except Exception as exc:
+            internal_error("pool", exc)
+
+    def on_close(dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry) -> None:
+        try:
+            stats.connections_closed_total += 1
+        except Exception as exc:
+            internal_error("pool", exc)
+
+    def on_close_detached(dbapi_connection: Any) -> None:
+        try:
+            stats.connections_closed_total += 1
+        except Exception as exc:
+            internal_error("pool", exc)
+
+    def on_invalidate(
+        dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry, exception: Any
+    ) -> None:
+        try:
+            stats.invalidations_total["hard"] += 1
+        except Exception as exc:
+            internal_error("pool", exc)
+
+    def on_soft_invalidate(
+        dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry, exception: Any
+    ) -> None:
+        try:
+            stats.invalidations_total["soft"] += 1
+        except Exception as exc:
+            internal_error("pool", exc)
+
+    def on_detach(dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry) -> None:
+        # A detached connection leaves the pool without a checkin: it is no longer "held".
+        try:
+            checked_out = out.pop(record, None)
+            if checked_out is not None:
+                key = id(record)
+                for c in checked_out[1]:
+                    c.pool.held.pop(key, None)
+            if _observers:
+                _notify(stats)
+        except Exception as exc:
+            internal_error("pool", exc)
+
+    return {
+        "connect": on_connect,
+        "close": on_close,
+        "close_detached": on_close_detached,
+        "invalidate": on_invalidate,
+        "soft_invalidate": on_soft_invalidate,
+        "detach": on_detach,
+    }
+
+
+def finish_unit(collector: Collector) -> None:
+    """At the end of a unit of work: the connections it checked out that are still out are
+    leaks, one finding per pool and call site. Called by `close_unit` before detection."""
+    held = collector.pool.held
+    if not held:
+        return
+    maybe_fail("pool")
+    now = perf_counter()
+    groups: dict[tuple[str, str | None], list[float]] = {}
+    for pool_name, since, callsite in list(held.values()):
+        groups.setdefault((pool_name, callsite), []).append(now - since)
+    for (pool_name, callsite), ages in groups.items():
+        collector.pool.leaked.append(
+            ConnectionLeakFinding(
+                id=finding_id("connection_leak", pool_name, callsite),
+                callsite=callsite,
+                pool=pool_name,
+                held_seconds=max(ages),
+                suggestion=LEAK_SUGGESTION,
+                unit=collector.name,
+                connections=len(ages),
+            )
+        )
