@@ -1,7 +1,261 @@
-"""Session-level (ORM) listeners, installed once per process (lands with the detection issue)."""
+"""ORM attribution: which relationship or expired attribute a lazy load was for, and lazy loads
+that failed because the object's session is gone (or there is no greenlet).
+
+One hook, installed once per process: `AttributeImpl._fire_loader_callables`, the single point
+where SQLAlchemy (2.0 and 2.1) loads an attribute that is not in an object's `__dict__` - a lazy
+relationship, an expired column after `commit()`, a deferred column. Eager loads (`selectinload`,
+`joinedload`, ...) populate the attributes directly and never pass through it, so they can never
+be mistaken for lazy loads.
+
+Why not the Session's `do_orm_execute` event: any listener of it makes *every* ORM execution in
+the process (inside a unit of work or not) build an `ORMExecuteState` and dispatch - about 9 µs
+per statement measured on this machine - and it fires before the statement runs, so it knows
+neither the time nor the SQL. The attribute hook costs nothing on loaded attributes, one
+ContextVar read per load outside a unit of work, and inside one it sees the load's statements
+(the collector's counters before and after) and the user line that touched the attribute.
+
+`DetachedInstanceError` and `MissingGreenlet` have no SQLAlchemy event. Both surface through
+the same hook (raised by the lazy loader or the expired-attribute loader, or by the asyncio
+adaptation underneath them), so it records a `LazyLoadAfterCloseFinding` and re-raises the
+original exception unchanged - also when user code catches it afterwards.
+
+Listeners only record; the detectors decide at the end of the unit of work.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
 
-def ensure_installed() -> None:
-    """Install the ORM listeners once; later calls do nothing."""
+from sqlalchemy.exc import MissingGreenlet
+from sqlalchemy.orm.exc import DetachedInstanceError
+
+from querywatch import _callsite
+from querywatch._guard import internal_error
+from querywatch.collection import Collector, LazyGroup, _current
+from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
+from querywatch.fingerprinting import fingerprint_and_operation
+
+__all__ = ["ensure_installed", "installed", "release_if_unused", "uninstall"]
+
+_lock = threading.Lock()
+#: (owner class, attribute name, original function) of the installed hook, or None.
+_installed: tuple[Any, str, Callable[..., Any]] | None = None
+
+
+def _attribute_impl_class() -> Any:
+    from sqlalchemy.orm import attributes
+
+    return attributes.AttributeImpl
+
+
+def ensure_installed(handle: Any = None) -> None:
+    """Install the ORM hook once; later calls do nothing. With an `Instrumentation` handle,
+    the hook is removed again when the last instrumented engine is uninstrumented."""
+    global _installed
+    with _lock:
+        if _installed is None:
+            owner = _attribute_impl_class()
+            name = "_fire_loader_callables"
+            original = owner.__dict__.get(name)
+            if original is None or not callable(original):
+                # A SQLAlchemy without this method: no ORM attribution, the statement-shape
+                # backstop still finds N+1 loops.
+                return
+            setattr(owner, name, _make_hook(original))
+            _installed = (owner, name, original)
+    if handle is not None:
+        handle.on_remove(release_if_unused)
+
+
+def installed() -> bool:
+    """True while the ORM hook is in place."""
+    return _installed is not None
+
+
+def uninstall() -> None:
+    """Restore SQLAlchemy's original method. Idempotent."""
+    global _installed
+    with _lock:
+        if _installed is None:
+            return
+        owner, name, original = _installed
+        _installed = None
+        current = owner.__dict__.get(name)
+        if getattr(current, "_querywatch_hook", False):
+            setattr(owner, name, original)
+
+
+def release_if_unused() -> None:
+    """Uninstall when no engine is instrumented any more."""
+    from querywatch.instrumentation import instrumented_engines
+
+    if not instrumented_engines():
+        uninstall()
+
+
+def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _fire_loader_callables(self: Any, state: Any, key: str, passive: Any) -> Any:
+        collector = _current.get()
+        if collector is None or not collector.active:
+            return original(self, state, key, passive)
+        # Decided before the load: loading clears the state's expired attributes.
+        expired = key in state.expired_attributes
+        statements = collector.statements
+        db_seconds = collector.db_seconds
+        t0 = perf_counter()
+        try:
+            result = original(self, state, key, passive)
+        except (DetachedInstanceError, MissingGreenlet) as exc:
+            _record_after_close(collector, self, state, key, exc)
+            raise
+        if collector.statements != statements:
+            try:
+                _record_load(
+                    collector,
+                    self,
+                    state,
+                    key,
+                    expired,
+                    collector.db_seconds - db_seconds or perf_counter() - t0,
+                )
+            except Exception as exc:
+                internal_error("orm", exc)
+        return result
+
+    _fire_loader_callables._querywatch_hook = True  # type: ignore[attr-defined]
+    _fire_loader_callables.__wrapped__ = original  # type: ignore[attr-defined]
+    return _fire_loader_callables
+
+
+def _is_relationship(prop: Any) -> bool:
+    return prop is not None and hasattr(prop, "direction") and hasattr(prop, "mapper")
+
+
+def _model_name(state: Any) -> str:
+    cls = getattr(state, "class_", None)
+    return cls.__name__ if cls is not None else "?"
+
+
+def _record_load(
+    collector: Collector, impl: Any, state: Any, key: str, expired: bool, seconds: float
+) -> None:
+    """One attribute load that ran SQL: credit it to its relationship (or model) and call site."""
+    prop = getattr(impl, "parent_token", None)
+    relationship = _is_relationship(prop)
+    model = _model_name(state)
+    if relationship:
+        pattern = "lazy_load"
+        subject = f"{_owner_name(prop, model)}.{key}"
+    else:
+        pattern = "expired_load" if expired else "deferred_load"
+        subject = model
+    callsite = _callsite.capture(1)
+    pending = collector.pending
+    statement = pending[-1][0] if pending else None
+    parent = id(state)
+    group_key = (f"{pattern}:{subject}", callsite)
+    for c in collector.chain:
+        if c.closed:
+            continue
+        group = c.lazy.get(group_key)
+        if group is None:
+            group = c.lazy[group_key] = LazyGroup(subject, pattern)
+            group.suggestion = _suggestion(pattern, prop, state, subject, key)
+        group.count += 1
+        group.seconds += seconds
+        group.parents.add(parent)
+        group.attributes.add(key)
+        phase = c.phase
+        group.phases[phase] = group.phases.get(phase, 0) + 1
+        if not group.fingerprint and statement is not None:
+            group.fingerprint = fingerprint_and_operation(statement)[0]
+
+
+def _owner_name(prop: Any, fallback: str) -> str:
+    parent = getattr(prop, "parent", None)
+    cls = getattr(parent, "class_", None)
+    return cls.__name__ if cls is not None else fallback
+
+
+def _loader_for(prop: Any) -> str:
+    return "selectinload" if getattr(prop, "uselist", True) else "joinedload"
+
+
+def _load_path(state: Any) -> list[Any]:
+    """The relationships through which `state`'s object was loaded (outermost first)."""
+    path = getattr(getattr(state, "load_path", None), "path", ())
+    return [step for step in path if _is_relationship(step)]
+
+
+def _option_chain(props: list[Any]) -> str:
+    parts = [f"{_loader_for(p)}({_owner_name(p, '?')}.{p.key})" for p in props]
+    return ".".join(parts)
+
+
+def _suggestion(pattern: str, prop: Any, state: Any, subject: str, key: str) -> str:
+    """The concrete fix, computed once per group (not per load)."""
+    if pattern == "lazy_load":
+        props = [*_load_path(state), prop]
+        try:
+            chain = _option_chain(props)
+        except Exception:
+            chain = f"{_loader_for(prop)}({subject})"
+        root = _owner_name(props[0], subject.split(".")[0])
+        return f"eager-load it: add .options({chain}) to the query that loads the {root} objects"
+    if pattern == "expired_load":
+        return (
+            f"the {subject} objects were expired (by commit() or expire()) and are reloaded one "
+            f"by one: create the session with expire_on_commit=False, or reload them in one "
+            f"query after the commit (select({subject}).where(...in_(ids)) with "
+            f"populate_existing)"
+        )
+    return (
+        f"the deferred column is loaded once per object: add .options(undefer({subject}.{key})) "
+        f"to the query that loads the {subject} objects"
+    )
+
+
+def _record_after_close(
+    collector: Collector, impl: Any, state: Any, key: str, exc: BaseException
+) -> None:
+    try:
+        error = type(exc).__name__
+        model = _model_name(state)
+        prop = getattr(impl, "parent_token", None)
+        if _is_relationship(prop):
+            owner = _owner_name(prop, model)
+            fix_load = f".options({_loader_for(prop)}({owner}.{key}))"
+        else:
+            owner = model
+            fix_load = "expire_on_commit=False on the session"
+        if isinstance(exc, MissingGreenlet):
+            suggestion = (
+                f"in async code, load it before use: {fix_load} on the query, or "
+                f"`await obj.awaitable_attrs.{key}`, or run the code in `session.run_sync()`"
+            )
+        else:
+            suggestion = (
+                f"the object's session was closed before {owner}.{key} was loaded: load it while "
+                f"the session is open ({fix_load}), or keep the session open until the "
+                f"object is used"
+            )
+        callsite = _callsite.capture(1)
+        for c in collector.chain:
+            if c.closed:
+                continue
+            c.after_close.append(
+                LazyLoadAfterCloseFinding(
+                    id=finding_id("lazy_load_after_close", f"{owner}.{key}", callsite),
+                    callsite=callsite,
+                    model=owner,
+                    attribute=key,
+                    error=error,
+                    suggestion=suggestion,
+                    phase=c.phase,
+                )
+            )
+    except Exception as internal:
+        internal_error("orm", internal)

@@ -185,7 +185,17 @@ class Shape:
 class LazyGroup:
     """Lazy loads of one relationship (or expired attributes of one model) from one call site."""
 
-    __slots__ = ("count", "fingerprint", "parents", "pattern", "phases", "seconds", "subject")
+    __slots__ = (
+        "attributes",
+        "count",
+        "fingerprint",
+        "parents",
+        "pattern",
+        "phases",
+        "seconds",
+        "subject",
+        "suggestion",
+    )
 
     def __init__(self, subject: str, pattern: str) -> None:
         self.subject = subject
@@ -195,6 +205,10 @@ class LazyGroup:
         self.fingerprint = ""
         self.parents: set[int] = set()
         self.phases: dict[str, int] = {}
+        #: the attributes whose loads were counted (the relationship's key, or expired columns)
+        self.attributes: set[str] = set()
+        #: the fix, worked out once when the group is created
+        self.suggestion = ""
 
 
 class PoolUsage:

@@ -70,13 +70,25 @@ class NPlusOneFinding(Finding):
     suggestion: str
     #: `Author.books` for an ORM lazy load, `None` for a statement-shape (backstop) finding.
     relationship: str | None = None
-    #: `lazy_load`, `expired_load`, `statement_loop`.
+    #: `lazy_load`, `expired_load`, `deferred_load`, `statement_loop`.
     pattern: str = "statement_loop"
     #: Where the loads ran: `handler`, or `serialization` while a response was being built.
     phase: str = "handler"
+    #: The model whose expired or deferred attributes were reloaded (`None` otherwise).
+    model: str | None = None
+    #: The attributes touched that triggered those reloads, sorted.
+    attributes: tuple[str, ...] = ()
+    #: Distinct parent objects (lazy loads) or distinct parameter sets (statement loops).
+    distinct: int = 0
 
     def describe(self) -> str:
-        subject = self.relationship or self.fingerprint[:120]
+        if self.relationship:
+            subject = self.relationship
+        elif self.model:
+            kind = "expired" if self.pattern == "expired_load" else "deferred"
+            subject = f"{kind} attributes of {self.model} ({', '.join(self.attributes)})"
+        else:
+            subject = self.fingerprint[:120]
         return (
             f"N+1: {subject} ran {self.count} times at {self.callsite or 'unknown call site'} "
             f"({self.seconds * 1000:.1f} ms); fix: {self.suggestion}"
@@ -137,6 +149,8 @@ class LazyLoadAfterCloseFinding(Finding):
     error: str
     suggestion: str
     phase: str = "handler"
+    #: Times it happened at this call site in the unit of work.
+    count: int = 1
 
     def describe(self) -> str:
         return (
@@ -168,3 +182,18 @@ class ConnectionLeakFinding(Finding):
             f"{self.callsite or 'unknown call site'} still out when the unit of work{unit} "
             f"ended ({self.held_seconds:.2f} s); fix: {self.suggestion}"
         )
+
+
+@dataclass(frozen=True)
+class StaleAllowlistFinding(Finding):
+    """An allowlist entry that matched no finding in a unit of work (reported only when
+    `Settings.report_stale_allowlist` is on): the problem it hid is gone, or it is mistyped."""
+
+    kind: ClassVar[str] = "stale_allowlist_entry"
+    event: ClassVar[str] = "querywatch.stale_allowlist_entry"
+
+    entry: str
+    suggestion: str
+
+    def describe(self) -> str:
+        return f"stale allowlist entry {self.entry!r} matched nothing; fix: {self.suggestion}"

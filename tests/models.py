@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 book_tags = sa.Table(
@@ -13,7 +14,7 @@ book_tags = sa.Table(
 )
 
 
-class Base(DeclarativeBase):
+class Base(AsyncAttrs, DeclarativeBase):
     metadata = book_tags.metadata
 
 
