@@ -32,9 +32,11 @@ One `PoolStats` per instrumented engine, surviving `engine.dispose()`:
   `connections_closed_total`, `invalidations_total` (a dict: `{"hard": n, "soft": n}`).
 - Histograms (`Histogram`: `bounds`, `counts` per bucket with +Inf last, `sum`, `count`,
   `cumulative()` -> `[(upper_bound, cumulative_count), ..., (inf, count)]`):
-  `wait` (seconds waited for a connection, bounds `WAIT_BUCKETS`), `use` (seconds a connection
+  `wait` (seconds a checkout waited for a connection, the ones that timed out included;
+  opening a new connection is not waiting; bounds `WAIT_BUCKETS`), `use` (seconds a connection
   was held, checkout to checkin, `USE_BUCKETS`), `create` (seconds to open a new DBAPI
-  connection, `CREATE_BUCKETS`). `PoolStats.snapshot()` copies all figures consistently.
+  connection, the dialect's first-connect set-up included, `CREATE_BUCKETS`).
+  `PoolStats.snapshot()` copies them all, for figures that must agree with each other.
 - `PoolStats.state() -> PoolState`: read from the engine's current pool when called (at
   collection time): `used`, `idle`, `max`, `overflow`, `pending`, `unlimited`. A figure a pool
   class cannot report is `None`, never a guess; see `PoolState`.
@@ -191,7 +193,7 @@ class PoolStats:
         #: records querywatch saw checked out and not yet back
         self._out: dict[object, tuple[float, tuple[Collector, ...]]] = {}
         #: identifies this engine in the call-site memo
-        self._site_key = ("querywatch.pool", id(self))
+        self._site_key = f"\x00querywatch.pool {id(self)}"
 
     def __repr__(self) -> str:
         return (
