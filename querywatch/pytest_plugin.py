@@ -386,7 +386,9 @@ class QueryWatchSession:
             or _FIXTURE in getattr(item, "fixturenames", ())
         )
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    # trylast: innermost, inside the capture plugin's wrapper, so what the reporters log when
+    # the unit closes is captured with the test's output.
+    @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
         policy = _marker_policy(item, self.fail_on)
         if not self._watched(item, policy):

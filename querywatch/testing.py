@@ -50,6 +50,10 @@ class QueryAssertionError(AssertionError):
         self.findings = tuple(findings)
 
 
+#: Finding kinds recorded as they happen, not aggregated over the unit's statements.
+_EVENT_KINDS = frozenset({"lazy_load_after_close", "connection_leak"})
+
+
 class WatchedUnit:
     """A `watch()` unit of kind `test` that also gathers the findings of the units nested in it.
 
@@ -58,12 +62,20 @@ class WatchedUnit:
     open, so units opened in threads that did not inherit the context still nest in it.
     """
 
-    __slots__ = ("_nested", "_previous_fallback", "_remove_reporter", "_watch", "report")
+    __slots__ = (
+        "_nested",
+        "_nested_units",
+        "_previous_fallback",
+        "_remove_reporter",
+        "_watch",
+        "report",
+    )
 
     def __init__(self, name: str, *, settings: Settings | None = None) -> None:
         # `log`: the unit never warns or raises by itself; the assertion decides.
         self._watch = watch(name, settings=settings or default_settings(), mode="log", kind="test")
         self._nested: list[Finding] = []
+        self._nested_units = 0
         self._previous_fallback: Collector | None = None
         self._remove_reporter: Any = None
         self.report: Report | None = None
@@ -76,6 +88,7 @@ class WatchedUnit:
         def gather(finished: Report) -> None:
             c = finished._c
             if c is not collector and collector in c.chain:
+                self._nested_units += 1
                 nested.extend(finished.findings)
 
         self._remove_reporter = add_reporter(gather)
@@ -98,8 +111,16 @@ class WatchedUnit:
 
     @property
     def findings(self) -> tuple[Finding, ...]:
-        """The unit's findings and those of every unit nested in it, each once."""
+        """The findings of the units nested in it (each request's, each job's), and its own.
+
+        Detection of this unit runs over everything nested in it, so a statement repeated
+        across requests (six requests each loading one author) would look like an N+1 here
+        although no request has one. When units were nested, their findings are the answer and
+        this unit keeps only findings that are not aggregates (lazy loads after close, leaks).
+        """
         own = self.report.findings if self.report is not None else ()
+        if self._nested_units:
+            own = tuple(f for f in own if f.kind in _EVENT_KINDS)
         seen: set[str] = set()
         unique: list[Finding] = []
         for finding in (*own, *self._nested):

@@ -308,6 +308,22 @@ def test_marker_ignore_overrides_fail_on(suite: pytest.Pytester) -> None:
     run(suite, "--querywatch-fail-on=n_plus_one").assert_outcomes(passed=1)
 
 
+def test_marker_threshold(suite: pytest.Pytester) -> None:
+    """`query_budget(n_plus_one_threshold=2)` flags a loop the default threshold lets pass."""
+    three = N_PLUS_ONE_TEST.replace("select(Author)", "select(Author).limit(3)")
+    suite.makepyfile(
+        test_default="import pytest\n" + three,
+        test_strict=three.replace(
+            "def test_list_authors",
+            "import pytest\n\n\n@pytest.mark.query_budget(n_plus_one_threshold=2)\n"
+            "def test_list_authors",
+        ),
+    )
+    result = run(suite, "--querywatch-fail-on=n_plus_one")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_strict.py::test_list_authors*"])
+
+
 def test_fail_on_rejects_unknown_kind(suite: pytest.Pytester) -> None:
     """An unknown kind in `--querywatch-fail-on` is a usage error naming the accepted kinds."""
     result = run(suite, "--querywatch-fail-on=n_plus_two")
@@ -452,6 +468,12 @@ def app(engine):
                 for i in (1, 2, 3)
             ]
 
+    @app.get("/authors/{author_id}")
+    def author(author_id: int):
+        with engine.connect() as conn:
+            query = sa.text("SELECT name FROM authors WHERE id = :id")
+            return conn.execute(query, {"id": author_id}).scalar()
+
     return app
 """
 
@@ -500,6 +522,23 @@ async def test_request(app):
     result = run(suite)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*the test ran 6 statements, budget is 3*"])
+
+
+def test_repeats_across_requests_are_not_findings(suite: pytest.Pytester) -> None:
+    """One statement per request over six requests is neither an N+1 nor a duplicate."""
+    suite.makepyfile(
+        test_app=APP
+        + """
+from fastapi.testclient import TestClient
+
+
+def test_each_author(app):
+    with TestClient(app) as client:
+        for author_id in (1, 2, 3, 4, 5, 6, 6):
+            assert client.get(f"/authors/{author_id}").status_code == 200
+"""
+    )
+    run(suite, "--querywatch-fail-on=any").assert_outcomes(passed=1)
 
 
 def test_inert_when_unused(suite: pytest.Pytester) -> None:
