@@ -160,6 +160,10 @@ class QueryWatchMetrics:
         )
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._statement_children: dict[tuple[str, str], Any] = {}
+        #: open unit -> lazy loads per phase already counted by units nested in it
+        self._nested_lazy: weakref.WeakKeyDictionary[Collector, dict[str, int]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.pools = PoolMetrics(r, multiprocess=multiprocess)
         r.register(_Anchor(self))
 
@@ -195,10 +199,27 @@ class QueryWatchMetrics:
                 self.lazy_loads_after_close.labels(route).inc()
             elif kind == "connection_leak":
                 self.leaked_connections.labels(getattr(finding, "pool", ""), route).inc()
+        self._record_lazy_loads(c, route)
+
+    def _record_lazy_loads(self, c: Collector, route: str) -> None:
+        # Lazy loads are recorded in every enclosing unit too: count each once, in the
+        # innermost unit, by subtracting what the units nested in this one counted already.
+        totals: dict[str, int] = {}
         for group in c.lazy.values():
             for phase, count in group.phases.items():
-                if count:
-                    self.lazy_loads.labels(route, phase).inc(count)
+                totals[phase] = totals.get(phase, 0) + count
+        if not totals:
+            return
+        nested = self._nested_lazy.pop(c, None) or {}
+        for phase, count in totals.items():
+            own = count - nested.get(phase, 0)
+            if own > 0:
+                self.lazy_loads.labels(route, phase).inc(own)
+        parent = c.parent
+        if parent is not None and not parent.closed:
+            counted = self._nested_lazy.setdefault(parent, {})
+            for phase, count in totals.items():
+                counted[phase] = counted.get(phase, 0) + count
 
     def _statement_child(self, pool: str, operation: str) -> Any:
         key = (pool, operation)

@@ -20,7 +20,7 @@ from typing import Any
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from querywatch import _guard
-from querywatch.collection import Collector, close_unit, open_unit
+from querywatch.collection import Collector, close_unit, default_settings, open_unit
 from querywatch.settings import Settings
 
 __all__ = ["UNMATCHED_ROUTE", "QueryWatchMiddleware", "resolve_route"]
@@ -188,8 +188,6 @@ def _request_id(scope: Scope, settings: Settings | None) -> tuple[bytes, str]:
 
 
 def _default_header() -> str:
-    from querywatch.collection import default_settings
-
     return default_settings().request_id_header
 
 

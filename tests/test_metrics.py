@@ -278,3 +278,29 @@ def test_fastapi_app_is_importable_without_a_registry_argument() -> None:
 
     assert metrics.install() is metrics.install(REGISTRY)
     assert isinstance(FastAPI(), FastAPI)
+
+
+def test_lazy_loads_in_nested_units_are_counted_once(sqlite_web_engine: sa.Engine) -> None:
+    """Lazy loads of a job nested in another count once, under the innermost unit's name."""
+    from sqlalchemy.orm import Session
+
+    from tests.models import Author, create_schema, seed
+
+    create_schema(sqlite_web_engine)
+    with Session(sqlite_web_engine) as session:
+        seed(session)
+    registry = CollectorRegistry()
+    metrics.install(registry)
+    with querywatch.watch("outer"), Session(sqlite_web_engine) as session:
+        authors = session.scalars(sa.select(Author).order_by(Author.id)).all()
+        with querywatch.watch("inner"):
+            for author in authors[:4]:
+                _ = author.books
+        for author in authors[4:]:
+            _ = author.books
+
+    def lazy(route: str) -> float | None:
+        labels = {"route": route, "phase": "handler"}
+        return registry.get_sample_value("querywatch_lazy_loads_total", labels)
+
+    assert (lazy("inner"), lazy("outer")) == (4, 6)

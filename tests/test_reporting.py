@@ -1,0 +1,168 @@
+"""The structlog reporter: JSON events parsed from structlog's real output, levels, the
+`log_requests` policy, and finding events of units that are not HTTP requests."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import structlog
+from prometheus_client import CollectorRegistry
+
+import querywatch
+from querywatch import Settings
+from querywatch.middleware import QueryWatchMiddleware
+from tests.web_apps import fastapi_app
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """structlog configured to render JSON lines into a buffer; yields the parsed events."""
+    buffer = io.StringIO()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=buffer),
+        cache_logger_on_first_use=False,
+    )
+
+    class Lines(list[dict[str, Any]]):
+        def refresh(self) -> Lines:
+            self[:] = [json.loads(line) for line in buffer.getvalue().splitlines()]
+            return self
+
+    lines = Lines()
+    yield lines
+    structlog.reset_defaults()
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def _app(engine: sa.Engine, settings: Settings) -> Any:
+    app = fastapi_app(engine)
+    app.add_middleware(QueryWatchMiddleware, settings=settings, registry=CollectorRegistry())
+    return app
+
+
+async def test_request_event_fields(sqlite_web_engine: sa.Engine, events: Any) -> None:
+    """`querywatch.request` carries method, route, status, timings, counts, JSON-clean, at info."""
+    app = _app(sqlite_web_engine, Settings(log_requests="all"))
+    async with _client(app) as c:
+        await c.get("/items/3", headers={"X-Request-ID": "req-1"})
+    (event,) = events.refresh()
+    assert event["event"] == "querywatch.request"
+    assert event["level"] == "info"
+    expected = {
+        "method": "GET",
+        "route": "/items/{n}",
+        "status": 200,
+        "request_id": "req-1",
+        "db_statements": 3,
+        "findings": 0,
+        "n_plus_one": 0,
+        "duplicate_query": 0,
+        "lazy_load_after_close": 0,
+        "connection_leak": 0,
+        "pool_timeout": 0,
+        "pool_leaked": 0,
+    }
+    assert {k: event[k] for k in expected} == expected
+    assert event["duration_ms"] >= event["db_ms"] >= 0
+    assert event["pool_checkouts"] == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "logged"),
+    [("all", 1), ("findings", 0), ("none", 0), ("sampled", 1)],
+)
+async def test_log_requests_policy_for_clean_requests(
+    sqlite_web_engine: sa.Engine, events: Any, policy: str, logged: int
+) -> None:
+    """Clean requests are logged for `all`, never for `findings`/`none`, by rate for `sampled`."""
+    settings = Settings(log_requests=policy, log_sample_rate=1.0)  # type: ignore[arg-type]
+    app = _app(sqlite_web_engine, settings)
+    async with _client(app) as c:
+        await c.get("/items/1")
+    assert len(events.refresh()) == logged
+
+
+async def test_sampled_at_rate_zero_logs_no_clean_request(
+    sqlite_web_engine: sa.Engine, events: Any
+) -> None:
+    """`sampled` with `log_sample_rate=0` logs no clean request."""
+    app = _app(sqlite_web_engine, Settings(log_requests="sampled", log_sample_rate=0.0))
+    async with _client(app) as c:
+        for _ in range(20):
+            await c.get("/items/1")
+    assert events.refresh() == []
+
+
+@pytest.fixture
+def file_engine(tmp_path: Path) -> Iterator[sa.Engine]:
+    """An instrumented SQLite file engine with a real queue pool (a leak is a held connection)."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()
+
+
+def test_job_findings_are_logged_with_the_unit_name(file_engine: sa.Engine, events: Any) -> None:
+    """A `watch()` unit logs its findings with `unit=<name>` and no request event."""
+    with querywatch.watch("nightly-import"):
+        leaked = file_engine.connect()  # never closed inside the unit: a leak
+        leaked.exec_driver_sql("SELECT 1")
+    leaked.close()
+    (event,) = [e for e in events.refresh() if e["event"] == "querywatch.connection_leak"]
+    assert event["unit"] == "nightly-import"
+    assert event["level"] == "warning"
+    assert event["kind"] == "connection_leak"
+    assert len(event["finding_id"]) == 12
+    assert "route" not in event
+    assert not [e for e in events if e["event"] == "querywatch.request"]
+
+
+async def test_request_findings_carry_route_and_request_id(
+    file_engine: sa.Engine, events: Any
+) -> None:
+    """A finding of a request is logged with its route and request id, and the request event
+    (logged because it has findings) counts it at warning level."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    held: list[Any] = []
+
+    @app.get("/leak/{n}")
+    def leak(n: int) -> dict[str, int]:
+        held.append(file_engine.connect())
+        return {"n": n}
+
+    app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
+    async with _client(app) as c:
+        await c.get("/leak/1", headers={"X-Request-ID": "abc"})
+    for conn in held:
+        conn.close()
+    by_event = {e["event"]: e for e in events.refresh()}
+    leak_event = by_event["querywatch.connection_leak"]
+    assert (leak_event["route"], leak_event["request_id"]) == ("/leak/{n}", "abc")
+    request = by_event["querywatch.request"]
+    assert (request["level"], request["connection_leak"], request["findings"]) == ("warning", 1, 1)
+
+
+def test_disabled_settings_log_nothing(file_engine: sa.Engine, events: Any) -> None:
+    """With `enabled=False` a unit of work logs nothing, even a would-be leak."""
+    with querywatch.watch("off", settings=Settings(enabled=False)):
+        conn = file_engine.connect()
+    conn.close()
+    assert events.refresh() == []
