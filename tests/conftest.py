@@ -18,8 +18,12 @@ PG_HOST = os.environ.get("QUERYWATCH_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("QUERYWATCH_PG_PORT", "5432"))
 PG_USER = os.environ.get("QUERYWATCH_PG_USER", "postgres")
 PG_DB = os.environ.get("QUERYWATCH_PG_DB", "test")
-PSYCOPG_URL = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}"
-ASYNCPG_URL = f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}"
+# Each test run works in a scratch database of its own, created from the server's `test`
+# database connection, so two runs on one machine (a developer and CI) never race on tables.
+RUN_DB = f"querywatch_test_{os.getpid()}"
+_ADMIN_URL = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}"
+PSYCOPG_URL = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{RUN_DB}"
+ASYNCPG_URL = f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{RUN_DB}"
 
 
 def _postgres_answers() -> bool:
@@ -37,6 +41,42 @@ def require_postgres() -> None:
     if os.environ.get("QUERYWATCH_REQUIRE_POSTGRES") == "1":
         pytest.fail(f"QUERYWATCH_REQUIRE_POSTGRES=1 but no PostgreSQL at {PG_HOST}:{PG_PORT}")
     pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_run_database() -> Iterator[None]:
+    """Create this run's scratch database (and drop those of runs that died) when PostgreSQL
+    answers; drop it at the end."""
+    if not _postgres_answers():
+        yield
+        return
+    admin = sa.create_engine(_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        names = conn.exec_driver_sql(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'querywatch_test_%%'"
+        ).scalars()
+        for name in list(names):
+            pid = name.rsplit("_", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{RUN_DB}" WITH (FORCE)')
+        conn.exec_driver_sql(f'CREATE DATABASE "{RUN_DB}"')
+    try:
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{RUN_DB}" WITH (FORCE)')
+        admin.dispose()
 
 
 @pytest.fixture(autouse=True)
