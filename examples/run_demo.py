@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 VENV = ROOT / ".venv"
+#: Set before re-running inside .venv, so a broken install cannot loop.
+_BOOTSTRAPPED = "QUERYWATCH_DEMO_BOOTSTRAPPED"
 NEEDED = ("querywatch", "fastapi", "uvicorn", "httpx", "structlog", "prometheus_client")
 #: Metric families shown at the end of the demo.
 SHOWN_METRICS = (
@@ -41,25 +43,34 @@ def _venv_python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def _has_deps(python: Path | str) -> bool:
+def _missing_deps(python: Path | str) -> str | None:
+    """None when `python` imports everything the demo needs, else the import error."""
     check = f"import {', '.join(NEEDED)}"
-    return subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0
+    result = subprocess.run([str(python), "-c", check], capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    return (result.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
 def bootstrap() -> None:
     """Re-run this script inside `.venv` (created and installed when needed), unless the
     running interpreter already has everything."""
-    if sys.prefix != sys.base_prefix and _has_deps(sys.executable):
+    if sys.prefix != sys.base_prefix and _missing_deps(sys.executable) is None:
         return
+    if os.environ.get(_BOOTSTRAPPED):
+        sys.exit(
+            f"demo: {sys.executable} still cannot run the demo: {_missing_deps(sys.executable)}"
+        )
     python = _venv_python()
     if not python.exists():
         print(f"demo: creating {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
-    if not _has_deps(python):
+    if _missing_deps(python) is not None:
         print("demo: installing querywatch and the example's requirements into .venv", flush=True)
         install = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*install, "-e", str(ROOT), "-r", str(EXAMPLES / "requirements.txt")],
                        check=True)  # fmt: skip
+    os.environ[_BOOTSTRAPPED] = "1"
     os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
@@ -122,13 +133,15 @@ def run(*, port: int, serve: bool, use_async: bool) -> int:
 
     calls, metrics = asyncio.run(traffic())
     unexpected = [call for call in calls if call.status != call.expected]
+    lines = metrics.splitlines()
     shown = [
         line
-        for line in metrics.splitlines()
-        if line.startswith(SHOWN_METRICS) and not line.endswith(" 0.0")
+        for name in SHOWN_METRICS
+        for line in lines
+        if line.startswith(name + "{") and not line.endswith(" 0.0")
     ]
     print(f"\ndemo: a few lines of {base_url}/metrics:")
-    print("\n".join(shown[:14]))
+    print("\n".join(shown[:16]))
     print(f"\ndemo: querywatch reported {len(findings)} findings in {len(calls)} requests "
           f"({', '.join(sorted(set(findings))) or 'none'})", flush=True)  # fmt: skip
     if serve:

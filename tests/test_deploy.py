@@ -309,6 +309,25 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     assert not users[-1].startswith("0")
 
 
+def test_image_requirements_are_what_the_tests_run_with() -> None:
+    """Every requirement the image installs (examples/requirements.txt) is satisfied here, so
+    the start-command tests below run the image's dependency set."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    lines = (EXAMPLES / "requirements.txt").read_text().splitlines()
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        requirement = Requirement(line)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            pytest.fail(f"{requirement.name} is not installed")
+        assert requirement.specifier.contains(installed, prereleases=True), line
+
+
 @pytest.fixture(scope="module")
 def shop_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The example shop started with the Dockerfile's own CMD and ENV (paths and port mapped to
