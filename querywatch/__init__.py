@@ -6,17 +6,16 @@ queries, redundant queries and lazy loads after close, and audit the connection 
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from querywatch import reporting as _reporting
-from querywatch.collection import Report, add_reporter, configure, current_report, watch
-from querywatch.exceptions import ConfigError, NPlusOneDetected, QueryWatchError
-from querywatch.fingerprinting import fingerprint
-from querywatch.instrumentation import Instrumentation, instrument, uninstrument
-from querywatch.settings import Settings
-
 if TYPE_CHECKING:
+    from querywatch.collection import Report, add_reporter, configure, current_report, watch
+    from querywatch.exceptions import ConfigError, NPlusOneDetected, QueryWatchError
+    from querywatch.fingerprinting import fingerprint
+    from querywatch.instrumentation import Instrumentation, instrument, uninstrument
     from querywatch.middleware import QueryWatchMiddleware
+    from querywatch.settings import Settings
 
 __all__ = [
     "ConfigError",
@@ -36,14 +35,34 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Findings of every unit of work are logged through structlog (`querywatch.reporting`).
-_reporting.install()
+# Names are imported on first use (PEP 562): `import querywatch` stays cheap (the pytest plugin
+# imports it in every suite), and the middleware needs the web extras only when it is used.
+_LOCATIONS = {
+    "ConfigError": "querywatch.exceptions",
+    "NPlusOneDetected": "querywatch.exceptions",
+    "QueryWatchError": "querywatch.exceptions",
+    "Report": "querywatch.collection",
+    "add_reporter": "querywatch.collection",
+    "configure": "querywatch.collection",
+    "current_report": "querywatch.collection",
+    "watch": "querywatch.collection",
+    "fingerprint": "querywatch.fingerprinting",
+    "Instrumentation": "querywatch.instrumentation",
+    "instrument": "querywatch.instrumentation",
+    "uninstrument": "querywatch.instrumentation",
+    "QueryWatchMiddleware": "querywatch.middleware",
+    "Settings": "querywatch.settings",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The middleware is imported on first use: the core works without the web extras.
-    if name == "QueryWatchMiddleware":
-        from querywatch.middleware import QueryWatchMiddleware
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'querywatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return QueryWatchMiddleware
-    raise AttributeError(f"module 'querywatch' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

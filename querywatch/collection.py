@@ -61,6 +61,17 @@ _fallback_parent: Collector | None = None
 
 _settings = DEFAULT_SETTINGS
 _reporters: list[Callable[[Report], None]] = []
+_default_reporters_installed = False
+
+
+def _install_default_reporters() -> None:
+    # The structlog reporter is installed on first use, not at import: importing querywatch
+    # (the pytest plugin does, in every suite) must stay cheap.
+    global _default_reporters_installed
+    _default_reporters_installed = True
+    from querywatch import reporting
+
+    reporting.install()
 
 
 def configure(settings: Settings) -> None:
@@ -116,6 +127,7 @@ class Shape:
     """What one unit of work executed of one statement shape."""
 
     __slots__ = (
+        "bucket_seconds",
         "buckets",
         "count",
         "duplicate_sites",
@@ -136,6 +148,8 @@ class Shape:
         self.seconds = 0.0
         #: executions of the innermost unit per bucket of STATEMENT_BUCKETS (+Inf last)
         self.buckets = [0] * (len(STATEMENT_BUCKETS) + 1)
+        #: total seconds of the executions counted in `buckets` (the histogram's sum)
+        self.bucket_seconds = 0.0
         #: hash of the parameters -> executions; values themselves are never kept.
         self.parameter_counts: dict[int, int] = {}
         #: hash of the parameters -> the call site where it was first repeated.
@@ -158,6 +172,7 @@ class Shape:
             # Durations feed the statement histogram once, from the innermost unit.
             if pool == self.pool:
                 self.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
+                self.bucket_seconds += seconds
             elif len(innermost.other_pool_durations) < MAX_OTHER_POOL_DURATIONS:
                 innermost.other_pool_durations.append((pool, self.operation, seconds))
         sites = self.sites
@@ -529,6 +544,8 @@ def close_unit(
         parent.nested_finding_ids.update(f.id for f in findings)
         parent.nested_finding_ids.update(collector.nested_finding_ids)
     report = collector.report
+    if not _default_reporters_installed:
+        _install_default_reporters()
     for reporter in tuple(_reporters):
         with _guard.guard("reporter"):
             reporter(report)
