@@ -46,7 +46,9 @@ class Instrumentation:
     def __init__(self, engine: Engine, name: str) -> None:
         self._engine_ref = weakref.ref(engine)
         self.name = name
-        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        #: (weak reference to the target, event name, listener): a strong reference here would
+        #: keep the engine alive (this handle is the engine's value in a WeakKeyDictionary).
+        self._listeners: list[tuple[Callable[[], Any], str, Callable[..., Any]]] = []
         self._cleanups: list[Callable[[], None]] = []
         self.removed = False
 
@@ -61,7 +63,11 @@ class Instrumentation:
     def listen(self, target: Any, identifier: str, fn: Callable[..., Any], **kw: Any) -> None:
         """Attach `fn` and remember it, so `remove()` detaches it."""
         event.listen(target, identifier, fn, **kw)
-        self._listeners.append((target, identifier, fn))
+        try:
+            ref: Callable[[], Any] = weakref.ref(target)
+        except TypeError:  # not weakly referenceable: a class, not an engine
+            ref = lambda: target  # noqa: E731
+        self._listeners.append((ref, identifier, fn))
 
     def on_remove(self, cleanup: Callable[[], None]) -> None:
         """Run `cleanup` when the instrumentation is removed."""
@@ -72,8 +78,9 @@ class Instrumentation:
         if self.removed:
             return
         self.removed = True
-        for target, identifier, fn in reversed(self._listeners):
-            if event.contains(target, identifier, fn):
+        for ref, identifier, fn in reversed(self._listeners):
+            target = ref()
+            if target is not None and event.contains(target, identifier, fn):
                 event.remove(target, identifier, fn)
         self._listeners.clear()
         for cleanup in reversed(self._cleanups):

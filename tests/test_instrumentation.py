@@ -177,3 +177,14 @@ def test_instrument_rejects_what_is_not_an_engine() -> None:
     """Passing a session (a common slip) fails at once with a clear message."""
     with pytest.raises(TypeError, match="takes a SQLAlchemy Engine or AsyncEngine, got Session"):
         querywatch.instrument(Session())  # type: ignore[arg-type]
+
+
+def test_listeners_attached_through_the_handle_do_not_keep_the_engine_alive() -> None:
+    """`handle.listen(engine, ...)` remembers its target weakly."""
+    engine = sa.create_engine("sqlite://")
+    handle = querywatch.instrument(engine)
+    handle.listen(engine, "engine_connect", lambda conn: None)
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
