@@ -64,6 +64,19 @@ _reporters: list[Callable[[Report], None]] = []
 _default_reporters_installed = False
 
 
+_stage_modules: tuple[Any, Any] | None = None
+
+
+def _stages() -> tuple[Any, Any]:
+    """The pool and detection modules (imported on first use: they import this module)."""
+    global _stage_modules
+    if _stage_modules is None:
+        from querywatch import detection, pool
+
+        _stage_modules = (pool, detection)
+    return _stage_modules
+
+
 def _install_default_reporters() -> None:
     # The structlog reporter is installed on first use, not at import: importing querywatch
     # (the pytest plugin does, in every suite) must stay cheap.
@@ -526,29 +539,36 @@ def close_unit(
         return
     collector.finished = time.perf_counter()
     collector.active = False
-    with _guard.guard("collector"):
+    # The guards are inline try/except blocks: a generator context manager costs microseconds
+    # per use, and this runs once per request.
+    try:
         collector.fold()
-    with _guard.guard("pool"):
-        from querywatch import pool
-
+    except Exception as exc:
+        _guard.internal_error("collector", exc)
+    pool, detection = _stages()
+    try:
         pool.finish_unit(collector)  # connections still out are leaks, found before detection
+    except Exception as exc:
+        _guard.internal_error("pool", exc)
     findings: list[Finding] = []
-    with _guard.guard("detection"):
+    try:
         _guard.maybe_fail("detection")
-        from querywatch import detection
-
         findings = detection.detect(collector)
+    except Exception as exc:
+        _guard.internal_error("detection", exc)
     collector.findings = tuple(findings)
     parent = collector.parent
-    if parent is not None:
+    if parent is not None and (findings or collector.nested_finding_ids):
         parent.nested_finding_ids.update(f.id for f in findings)
         parent.nested_finding_ids.update(collector.nested_finding_ids)
     report = collector.report
     if not _default_reporters_installed:
         _install_default_reporters()
     for reporter in tuple(_reporters):
-        with _guard.guard("reporter"):
+        try:
             reporter(report)
+        except Exception as exc:
+            _guard.internal_error("reporter", exc)
     if not findings or not collector.settings.enabled:
         return
     mode: Mode = collector.settings.mode

@@ -80,7 +80,7 @@ def detect(collector: Collector) -> list[Finding]:
 
     shapes = collector.shapes
     for fp, shape in shapes.items():
-        if fp in claimed or _exempt(fp, shape):
+        if shape.count < 2 or fp in claimed or _exempt(fp, shape):
             continue
         for callsite, site in shape.sites.items():
             distinct = len(site.parameter_keys)
@@ -117,7 +117,7 @@ def detect(collector: Collector) -> list[Finding]:
 
     duplicate_threshold = settings.duplicate_threshold
     for fp, shape in shapes.items():
-        if fp in lazy_shapes or _exempt(fp, shape):
+        if shape.count < 2 or fp in lazy_shapes or _exempt(fp, shape):
             continue
         findings.extend(_duplicates(shape, duplicate_threshold, loop_sites))
 
