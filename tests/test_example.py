@@ -3,6 +3,7 @@ documents, over httpx's ASGI transport, on a fresh SQLite file per test."""
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -80,6 +81,7 @@ async def make_shop(tmp_path: Path) -> AsyncIterator[Callable[[str], FastAPI]]:
                 await engine.dispose()
             else:
                 engine.dispose()
+    gc.collect()  # finalise what the requests left behind while this test's filters apply
 
 
 @pytest.fixture
@@ -98,9 +100,21 @@ async def client_for() -> AsyncIterator[Callable[[FastAPI], httpx.AsyncClient]]:
         await client.aclose()
 
 
+#: SQLAlchemy 2.1 + aiosqlite leave an un-awaited cursor coroutine behind when an implicit lazy
+#: load raises MissingGreenlet (without querywatch too); collected in the fixture's teardown.
+MISSING_GREENLET_LEFTOVER = pytest.mark.filterwarnings(
+    "ignore:coroutine 'Connection.cursor' was never awaited:RuntimeWarning"
+)
+
+
 def _cases() -> list[Any]:
     return [
-        pytest.param(variant, template, id=f"{variant}:{template}")
+        pytest.param(
+            variant,
+            template,
+            id=f"{variant}:{template}",
+            marks=[MISSING_GREENLET_LEFTOVER] if variant == "async" else [],
+        )
         for variant, (factory, _) in VARIANTS.items()
         for template in _routes(factory)
         if template != "/reports/release"
@@ -175,6 +189,7 @@ async def test_detached_order_reports_a_lazy_load_after_close(
     assert finding["error"] == "DetachedInstanceError"
 
 
+@MISSING_GREENLET_LEFTOVER
 async def test_async_implicit_lazy_load_reports_missing_greenlet(
     make_shop: Callable[[str], FastAPI], client_for: Callable[[FastAPI], httpx.AsyncClient]
 ) -> None:
