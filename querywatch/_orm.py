@@ -29,7 +29,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from sqlalchemy.exc import MissingGreenlet
+from sqlalchemy.exc import MissingGreenlet, StatementError
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from querywatch import _callsite
@@ -46,9 +46,15 @@ _installed: tuple[Any, str, Callable[..., Any]] | None = None
 
 
 def _attribute_impl_class() -> Any:
+    """The base class of attribute implementations: `AttributeImpl` in SQLAlchemy 2.0,
+    `_AttributeImpl` in 2.1 (None if neither exists)."""
     from sqlalchemy.orm import attributes
 
-    return attributes.AttributeImpl
+    for name in ("AttributeImpl", "_AttributeImpl"):
+        owner = getattr(attributes, name, None)
+        if owner is not None and "_fire_loader_callables" in owner.__dict__:
+            return owner
+    return None
 
 
 def ensure_installed(handle: Any = None) -> None:
@@ -59,7 +65,7 @@ def ensure_installed(handle: Any = None) -> None:
         if _installed is None:
             owner = _attribute_impl_class()
             name = "_fire_loader_callables"
-            original = owner.__dict__.get(name)
+            original = owner.__dict__.get(name) if owner is not None else None
             if original is None or not callable(original):
                 # A SQLAlchemy without this method: no ORM attribution, the statement-shape
                 # backstop still finds N+1 loops.
@@ -111,6 +117,11 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         except (DetachedInstanceError, MissingGreenlet) as exc:
             _record_after_close(collector, self, state, key, exc)
             raise
+        except StatementError as exc:
+            # SQLAlchemy 2.1 wraps a MissingGreenlet raised by some drivers (aiosqlite).
+            if isinstance(exc.orig, MissingGreenlet):
+                _record_after_close(collector, self, state, key, exc.orig)
+            raise
         if collector.statements != statements:
             try:
                 _record_load(
@@ -139,22 +150,43 @@ def _model_name(state: Any) -> str:
     return cls.__name__ if cls is not None else "?"
 
 
+#: (attribute impl, class) -> (relationship property or None, subject): worked out once.
+_described: dict[tuple[Any, Any], tuple[Any, str]] = {}
+_MAX_DESCRIBED = 10_000
+
+
+def _describe(impl: Any, state: Any, key: str) -> tuple[Any, str]:
+    prop = getattr(impl, "parent_token", None)
+    model = _model_name(state)
+    if _is_relationship(prop):
+        described: tuple[Any, str] = (prop, f"{_owner_name(prop, model)}.{key}")
+    else:
+        described = (None, model)
+    if len(_described) < _MAX_DESCRIBED:
+        _described[(impl, state.class_)] = described
+    return described
+
+
 def _record_load(
     collector: Collector, impl: Any, state: Any, key: str, expired: bool, seconds: float
 ) -> None:
     """One attribute load that ran SQL: credit it to its relationship (or model) and call site."""
-    prop = getattr(impl, "parent_token", None)
-    relationship = _is_relationship(prop)
-    model = _model_name(state)
-    if relationship:
-        pattern = "lazy_load"
-        subject = f"{_owner_name(prop, model)}.{key}"
-    else:
-        pattern = "expired_load" if expired else "deferred_load"
-        subject = model
-    callsite = _callsite.capture(1)
+    described = _described.get((impl, state.class_))
+    if described is None:
+        described = _describe(impl, state, key)
+    prop, subject = described
+    pattern = ("expired_load" if expired else "deferred_load") if prop is None else "lazy_load"
     pending = collector.pending
-    statement = pending[-1][0] if pending else None
+    statement: str | None = None
+    callsite: str | None = None
+    if pending:
+        # The load's own SELECT, just recorded with its call site: the same user line that
+        # touched the attribute, so no second stack walk.
+        statement, _, _, _, callsite = pending[-1]
+        if callsite is not None and callsite.startswith("\x00"):
+            callsite = None  # a placeholder for "same site as before", not a site
+    if callsite is None:
+        callsite = _callsite.capture(1)
     parent = id(state)
     group_key = (f"{pattern}:{subject}", callsite)
     for c in collector.chain:

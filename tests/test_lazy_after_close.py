@@ -4,13 +4,13 @@ attribute and user line, and the original exception still reaches the caller."""
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.exc import MissingGreenlet
+from sqlalchemy.exc import MissingGreenlet, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import AttributeImpl
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 import querywatch
@@ -103,6 +103,7 @@ def test_raise_mode_raises_after_the_unit_not_instead_of_the_error(
         book.chapters  # noqa: B018
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_missing_greenlet_is_recorded_and_reaches_the_caller(
     any_async_engine: AsyncEngine,
 ) -> None:
@@ -116,8 +117,12 @@ async def test_missing_greenlet_is_recorded_and_reaches_the_caller(
         author = await session.get(Author, 1)
         assert author is not None
         where = next_line(2)
-        with pytest.raises(MissingGreenlet):
+        with pytest.raises((MissingGreenlet, StatementError)) as raised:
             author.books  # noqa: B018
+    # SQLAlchemy 2.1 wraps it in a StatementError for some drivers: either way, SQLAlchemy's own.
+    error = raised.value
+    assert isinstance(error, MissingGreenlet) or isinstance(error.orig, MissingGreenlet)  # type: ignore[attr-defined]
+    gc.collect()  # the driver's abandoned cursor coroutine is collected here, not in a later test
     (finding,) = report.lazy_loads_after_close
     assert (finding.model, finding.attribute) == ("Author", "books")
     assert finding.error == "MissingGreenlet"
@@ -127,18 +132,19 @@ async def test_missing_greenlet_is_recorded_and_reaches_the_caller(
 
 def test_uninstall_restores_sqlalchemy() -> None:
     """`uninstall()` puts SQLAlchemy's method back; `ensure_installed()` hooks it again, once."""
+    impl_class = _orm._attribute_impl_class()
     _orm.ensure_installed()
-    hooked = AttributeImpl._fire_loader_callables
+    hooked = impl_class._fire_loader_callables
     assert getattr(hooked, "_querywatch_hook", False)
     _orm.uninstall()
     try:
-        assert AttributeImpl._fire_loader_callables is hooked.__wrapped__
+        assert impl_class._fire_loader_callables is hooked.__wrapped__
         assert not _orm.installed()
     finally:
         _orm.ensure_installed()
         _orm.ensure_installed()
-    assert getattr(AttributeImpl._fire_loader_callables, "_querywatch_hook", False)
-    assert AttributeImpl._fire_loader_callables.__wrapped__ is hooked.__wrapped__
+    assert getattr(impl_class._fire_loader_callables, "_querywatch_hook", False)
+    assert impl_class._fire_loader_callables.__wrapped__ is hooked.__wrapped__
 
 
 def test_the_hook_goes_when_the_last_engine_is_uninstrumented() -> None:
