@@ -9,14 +9,13 @@ builds responses in `fastapi.routing.serialize_response`, which is wrapped once 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from querywatch import _guard, metrics
 from querywatch.collection import _current
-from querywatch.instrumentation import Instrumentation, instrument
+from querywatch.instrumentation import Instrumentation, instrument, sync_engine_of
 from querywatch.settings import Settings
 
 try:
@@ -30,8 +29,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["install_serialization_hook", "metrics_endpoint", "setup"]
 
-AnyEngine = Engine | AsyncEngine
-Engines = AnyEngine | Iterable[AnyEngine] | Mapping[str, AnyEngine]
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    AnyEngine: TypeAlias = Engine | AsyncEngine
+    Engines: TypeAlias = AnyEngine | Iterable[AnyEngine] | Mapping[str, AnyEngine]
 
 
 def setup(
@@ -83,8 +87,8 @@ def setup(
 
 
 def _named_engines(engines: Engines) -> list[tuple[str | None, AnyEngine]]:
-    if isinstance(engines, (Engine, AsyncEngine)):
-        return [(None, engines)]
+    if sync_engine_of(engines) is not None:
+        return [(None, engines)]  # type: ignore[list-item]
     if isinstance(engines, Mapping):
         return [(str(name), engine) for name, engine in engines.items()]
     if isinstance(engines, Iterable):

@@ -14,16 +14,18 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from querywatch import _callsite
 from querywatch._guard import internal_error
 from querywatch.collection import FOLD_EVERY, Collector, _current, configure
 from querywatch.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["Instrumentation", "instrument", "instrumented_engines", "uninstrument"]
 
@@ -91,15 +93,23 @@ class Instrumentation:
             del _handles[engine]
 
 
-def _sync_engine(engine: Engine | AsyncEngine) -> Engine:
-    if isinstance(engine, AsyncEngine):
-        return engine.sync_engine
+def sync_engine_of(engine: object) -> Engine | None:
+    """The `Engine` behind an `Engine` or `AsyncEngine`, else None. Duck-typed: importing
+    sqlalchemy.ext.asyncio needs greenlet, which SQLAlchemy 2.1 no longer installs by default."""
     if isinstance(engine, Engine):
         return engine
-    raise TypeError(
-        f"querywatch.instrument() takes a SQLAlchemy Engine or AsyncEngine, "
-        f"got {type(engine).__name__}"
-    )
+    inner = getattr(engine, "sync_engine", None)
+    return inner if isinstance(inner, Engine) else None
+
+
+def _sync_engine(engine: Engine | AsyncEngine) -> Engine:
+    sync_engine = sync_engine_of(engine)
+    if sync_engine is None:
+        raise TypeError(
+            f"querywatch.instrument() takes a SQLAlchemy Engine or AsyncEngine, "
+            f"got {type(engine).__name__}"
+        )
+    return sync_engine
 
 
 def instrument(

@@ -65,7 +65,6 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from querywatch import _callsite
 from querywatch._guard import guard, internal_error, maybe_fail
@@ -73,6 +72,8 @@ from querywatch.collection import Collector, _current
 from querywatch.findings import ConnectionLeakFinding, finding_id
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from querywatch.instrumentation import Instrumentation
 
 __all__ = [
@@ -248,9 +249,11 @@ class PoolStats:
 
 def stats_for(engine: Engine | AsyncEngine) -> PoolStats | None:
     """The pool statistics of an instrumented engine, or None when it is not instrumented."""
-    from querywatch.instrumentation import _handles
+    from querywatch.instrumentation import _handles, sync_engine_of
 
-    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    sync_engine = sync_engine_of(engine)
+    if sync_engine is None:
+        return None
     handle = _handles.get(sync_engine)
     if handle is None or handle.removed:
         return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -188,3 +190,21 @@ def test_listeners_attached_through_the_handle_do_not_keep_the_engine_alive() ->
     del engine
     gc.collect()
     assert ref() is None
+
+
+def test_works_without_greenlet() -> None:
+    """SQLAlchemy 2.1 installs no greenlet by default: querywatch and its FastAPI glue still
+    import, and a sync engine is audited."""
+    code = (
+        "import sys; sys.modules['greenlet'] = None\n"
+        "import sqlalchemy as sa, querywatch, querywatch.fastapi\n"
+        "engine = sa.create_engine('sqlite://')\n"
+        "querywatch.instrument(engine)\n"
+        "with engine.connect() as conn, querywatch.watch('no-greenlet') as report:\n"
+        "    conn.exec_driver_sql('SELECT 1')\n"
+        "print(report.statements)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
