@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, joinedload, load_only, selectinload
 
 import querywatch
 from querywatch import Settings
+from querywatch.collection import current_collector
 from querywatch.findings import NPlusOneFinding
 from tests.callsites import next_line
 from tests.models import Author, Base, Book, Publisher, Tag, create_schema, seed
@@ -333,3 +334,28 @@ async def test_run_sync_loop_is_flagged_like_sync(any_async_engine: AsyncEngine)
     (finding,) = report.findings
     assert isinstance(finding, NPlusOneFinding)
     assert (finding.relationship, finding.callsite, finding.count) == ("Author.books", where, 10)
+
+
+def test_findings_carry_the_phase_of_the_loads(sqlite_engine: sa.Engine) -> None:
+    """Lazy loads made while a response is serialised are marked `phase="serialization"`."""
+    _seeded(sqlite_engine)
+    with querywatch.watch("phase") as report, Session(sqlite_engine) as session:
+        authors = session.scalars(sa.select(Author)).all()
+        collector = current_collector()
+        assert collector is not None
+        collector.phase = "serialization"  # what the middleware sets while rendering
+        assert all(author.books for author in authors)
+    (finding,) = report.n_plus_one
+    assert finding.phase == "serialization"
+
+
+def test_a_nested_unit_finding_is_also_in_the_enclosing_report(sqlite_engine: sa.Engine) -> None:
+    """Lazy loads count in every enclosing unit; the finding is reported by the inner one."""
+    _seeded(sqlite_engine)
+    with querywatch.watch("outer") as outer, Session(sqlite_engine) as session:
+        session.execute(sa.text("SELECT 1"))
+        with querywatch.watch("inner") as inner:
+            for author in session.scalars(sa.select(Author)):
+                assert author.books
+    assert [f.id for f in outer.n_plus_one] == [f.id for f in inner.n_plus_one]
+    assert outer.findings_to_report() == ()
