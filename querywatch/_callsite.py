@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
+from contextvars import ContextVar
 from types import CodeType, FrameType
 
 _LIBRARY_PACKAGES = (
@@ -127,10 +128,20 @@ def format_frame(frame: FrameType) -> str:
     return f"{_display(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
+#: The call site to report when no user frame is on the stack: while FastAPI builds a response
+#: model (pydantic reads ORM attributes from compiled code), the endpoint being serialized.
+fallback_site: ContextVar[str | None] = ContextVar("querywatch_fallback_site", default=None)
+
+
+def endpoint_site(filename: str, line: int, function: str, activity: str) -> str:
+    """`path:LINE in function (activity)` for code that is not on the stack."""
+    return f"{_display(filename)}:{line} in {function} ({activity})"
+
+
 def capture(skip: int = 1) -> str | None:
-    """The call site of the caller's caller's user code, or None when there is none."""
+    """The call site of the caller's caller's user code (or the fallback site), else None."""
     frame = user_frame(sys._getframe(skip + 1))
-    return format_frame(frame) if frame is not None else None
+    return format_frame(frame) if frame is not None else fallback_site.get()
 
 
 class _Memo:
@@ -180,7 +191,7 @@ def capture_for(key: object, skip: int = 1) -> str | None:
             return memo.text
     found, depth, in_parent = _locate(sys._getframe(skip + 1))
     if found is None:
-        return None
+        return fallback_site.get()
     text = format_frame(found)
     if len(_memos) >= _MAX_MEMOS:
         _memos.clear()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from querywatch import _guard, metrics
+from querywatch import _callsite, _guard, metrics
 from querywatch.collection import _current
 from querywatch.instrumentation import Instrumentation, instrument, sync_engine_of
 from querywatch.settings import Settings
@@ -124,6 +124,19 @@ def metrics_endpoint(registry: Any = None) -> Callable[[Request], Awaitable[Resp
 _serialize_hooked = False
 
 
+def _endpoint_site(endpoint_ctx: Any) -> str | None:
+    """`app.py:42 in list_orders (serializing its response)` from FastAPI's endpoint context
+    (FastAPI >= 0.115 passes one to serialize_response), else None."""
+    try:
+        if isinstance(endpoint_ctx, Mapping):
+            file, line, function = (endpoint_ctx.get(k) for k in ("file", "line", "function"))
+            if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
+                return _callsite.endpoint_site(file, line, function, "serializing its response")
+    except Exception as exc:
+        _guard.internal_error("fastapi", exc)
+    return None
+
+
 def install_serialization_hook() -> None:
     """Wrap `fastapi.routing.serialize_response` so that what runs inside it (response-model
     validation from ORM attributes) is the `serialization` phase. Idempotent; does nothing
@@ -146,10 +159,12 @@ def install_serialization_hook() -> None:
             return await original(*args, **kwargs)
         previous = collector.phase
         collector.phase = "serialization"
+        token = _callsite.fallback_site.set(_endpoint_site(kwargs.get("endpoint_ctx")))
         try:
             return await original(*args, **kwargs)
         finally:
             collector.phase = previous
+            _callsite.fallback_site.reset(token)
 
     serialize_response._querywatch_wrapped = True  # type: ignore[attr-defined]
     serialize_response.__wrapped__ = original  # type: ignore[attr-defined]

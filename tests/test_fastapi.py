@@ -4,6 +4,7 @@ serialization is its own phase."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -150,3 +151,18 @@ async def test_lazy_loads_are_tagged_with_their_phase(
     labels = {"route": path, "phase": phase}
     assert registry.get_sample_value("querywatch_lazy_loads_total", labels) == 10
     assert registry.get_sample_value("querywatch_n_plus_one_total", {"route": path}) == 1
+
+
+async def test_serialization_findings_name_the_endpoint(
+    library: sa.Engine, reports: list[Report]
+) -> None:
+    """Pydantic reads ORM attributes from compiled code, so no user line is on the stack: the
+    finding's call site is the endpoint whose response was being built."""
+    app = fastapi_app(library)
+    app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
+    async with _client(app) as c:
+        await c.get("/authors")
+    (finding,) = [f for r in reports for f in r.n_plus_one]
+    (endpoint,) = [r.endpoint for r in app.routes if getattr(r, "path", None) == "/authors"]
+    line = inspect.getsourcelines(endpoint)[1]
+    assert finding.callsite == f"tests/web_apps.py:{line} in authors (serializing its response)"
