@@ -131,7 +131,7 @@ def instrument(
     from querywatch import _orm, pool
 
     pool.attach(handle, sync_engine)
-    _orm.ensure_installed()
+    _orm.ensure_installed(handle)
     _handles[sync_engine] = handle
     return handle
 

@@ -28,6 +28,7 @@ FINDING_KINDS = (
     "bulk_write",
     "lazy_load_after_close",
     "connection_leak",
+    "stale_allowlist_entry",
 )
 #: Finding kinds logged at `error` rather than `warning`.
 ERROR_KINDS = frozenset({"lazy_load_after_close", "pool_timeout"})
