@@ -91,13 +91,13 @@ async def test_async_checkouts_and_checkins_are_counted_exactly(
     assert stats.checkins_total - before.checkins_total == 3
 
 
-def test_connections_held_at_once_are_counted(any_engine: sa.Engine) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_connections_held_at_once_are_counted(make_engine: EngineFactory, database: str) -> None:
     """`max_held` is the most connections the unit held at the same time."""
-    if any_engine.dialect.name == "sqlite":
-        pytest.skip("the SQLite fixture's StaticPool shares one connection")
-    with querywatch.watch("two at once") as report, any_engine.connect(), any_engine.connect():
+    engine = make_engine(PSYCOPG_URL if database == "postgresql" else None)
+    with querywatch.watch("two at once") as report, engine.connect(), engine.connect():
         pass
-    with any_engine.connect():
+    with engine.connect():
         pass
     assert report.pool.max_held == 2
     assert report.pool.checkouts == 2
