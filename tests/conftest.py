@@ -189,3 +189,12 @@ def web_engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
     yield engine
     querywatch.uninstrument(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def reports() -> Iterator[list[querywatch.Report]]:
+    """Every report of a unit of work that ends during the test."""
+    collected: list[querywatch.Report] = []
+    remove = querywatch.add_reporter(collected.append)
+    yield collected
+    remove()

@@ -6,10 +6,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -23,20 +21,7 @@ from querywatch.collection import current_collector
 from querywatch.fastapi import setup
 from querywatch.middleware import QueryWatchMiddleware
 from tests.models import create_schema, seed
-from tests.web_apps import fastapi_app
-
-
-@pytest.fixture
-def reports() -> Iterator[list[Report]]:
-    """Every report of a unit of work that ends during the test."""
-    collected: list[Report] = []
-    remove = querywatch.add_reporter(collected.append)
-    yield collected
-    remove()
-
-
-def _client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+from tests.web_apps import asgi_client, fastapi_app
 
 
 async def test_setup_wires_middleware_and_metrics(sqlite_web_engine: sa.Engine) -> None:
@@ -45,7 +30,7 @@ async def test_setup_wires_middleware_and_metrics(sqlite_web_engine: sa.Engine) 
     app = fastapi_app(sqlite_web_engine)
     handles = setup(app, sqlite_web_engine, registry=registry)
     assert [h.engine for h in handles] == [sqlite_web_engine]
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         await c.get("/items/2")
         body = (await c.get("/metrics")).text
     assert 'querywatch_request_db_statements_sum{method="GET",route="/items/{n}"} 2.0' in body
@@ -60,7 +45,7 @@ async def test_named_engines_become_pool_labels() -> None:
     app = fastapi_app(engine)
     setup(app, {"primary": engine}, registry=registry)
     try:
-        async with _client(app) as c:
+        async with asgi_client(app) as c:
             await c.get("/items/1")
         labels = {"pool": "primary", "operation": "SELECT"}
         count = registry.get_sample_value("querywatch_db_statement_duration_seconds_count", labels)
@@ -74,7 +59,7 @@ async def test_metrics_path_none_serves_no_metrics(sqlite_web_engine: sa.Engine)
     """`metrics_path=None` audits requests but adds no route."""
     app = fastapi_app(sqlite_web_engine)
     setup(app, sqlite_web_engine, registry=CollectorRegistry(), metrics_path=None)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         assert (await c.get("/metrics")).status_code == 404
 
 
@@ -118,7 +103,7 @@ async def test_response_model_is_built_in_the_serialization_phase(
         return {"value": 1}
 
     app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         assert (await c.get("/out")).json() == {"value": 1}
     assert phases == ["handler", "serialization"]
 
@@ -143,7 +128,7 @@ async def test_lazy_loads_are_tagged_with_their_phase(
     registry = CollectorRegistry()
     app = fastapi_app(library)
     app.add_middleware(QueryWatchMiddleware, registry=registry)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         response = await c.get(path)
     assert len(response.json()) == 10
     (finding,) = [f for r in reports for f in r.n_plus_one]
@@ -160,7 +145,7 @@ async def test_serialization_findings_name_the_endpoint(
     finding's call site is the endpoint whose response was being built."""
     app = fastapi_app(library)
     app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         await c.get("/authors")
     (finding,) = [f for r in reports for f in r.n_plus_one]
     (endpoint,) = [r.endpoint for r in app.routes if getattr(r, "path", None) == "/authors"]

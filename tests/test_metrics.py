@@ -9,9 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -24,11 +22,7 @@ from querywatch.collection import STATEMENT_BUCKETS
 from querywatch.fastapi import setup
 from querywatch.instrumentation import instrumented_engines
 from querywatch.middleware import QueryWatchMiddleware
-from tests.web_apps import fastapi_app, run_statements
-
-
-def _client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+from tests.web_apps import asgi_client, fastapi_app, run_statements
 
 
 def _pool(engine: sa.Engine) -> str:
@@ -41,7 +35,7 @@ async def test_request_histograms_are_exact(web_engine: sa.Engine) -> None:
     registry = CollectorRegistry()
     app = fastapi_app(web_engine)
     app.add_middleware(QueryWatchMiddleware, registry=registry)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         for n in (0, 3, 3, 21):
             await c.get(f"/items/{n}")
     labels = {"route": "/items/{n}", "method": "GET"}
@@ -71,7 +65,7 @@ async def test_statement_durations_are_flushed_per_bucket(web_engine: sa.Engine)
     app = fastapi_app(web_engine)
     app.add_middleware(QueryWatchMiddleware, registry=registry)
     try:
-        async with _client(app) as c:
+        async with asgi_client(app) as c:
             await c.get("/items/7")
     finally:
         remove()
@@ -110,7 +104,7 @@ async def test_apps_built_many_times_and_rebuilt_stacks(sqlite_web_engine: sa.En
         setup(app, sqlite_web_engine, registry=registry)
         app.middleware_stack = app.build_middleware_stack()
         app.middleware_stack = app.build_middleware_stack()
-        async with _client(app) as c:
+        async with asgi_client(app) as c:
             assert (await c.get("/items/1")).status_code == 200
     labels = {"route": "/items/{n}", "method": "GET"}
     assert registry.get_sample_value("querywatch_request_db_statements_count", labels) == 5
@@ -134,7 +128,7 @@ async def test_pool_metrics_read_at_scrape_time(web_engine: sa.Engine) -> None:
     registry = CollectorRegistry()
     app = fastapi_app(web_engine)
     setup(app, web_engine, registry=registry)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         for n in (1, 2, 3):
             await c.get(f"/items/{n}")
     name = _pool(web_engine)
@@ -158,7 +152,7 @@ async def test_metrics_scrape_is_exact_and_passes_promtool(web_engine: sa.Engine
     registry = CollectorRegistry()
     app = fastapi_app(web_engine)
     setup(app, web_engine, registry=registry)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         await c.get("/items/5")
         await c.get("/v1/things/1")
         scrape = await c.get("/metrics")

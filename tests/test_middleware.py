@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 import string
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -20,24 +18,11 @@ import querywatch
 from querywatch import Report, Settings
 from querywatch.middleware import UNMATCHED_ROUTE, QueryWatchMiddleware
 from tests.conftest import ASYNCPG_URL, PSYCOPG_URL, require_postgres
-from tests.web_apps import Boom, fastapi_app, run_statements, starlette_app
-
-
-@pytest.fixture
-def reports() -> Iterator[list[Report]]:
-    """Every report of a unit of work that ends during the test."""
-    collected: list[Report] = []
-    remove = querywatch.add_reporter(collected.append)
-    yield collected
-    remove()
+from tests.web_apps import Boom, asgi_client, fastapi_app, run_statements, starlette_app
 
 
 def _http(reports: list[Report]) -> list[dict[str, Any]]:
     return [r.http for r in reports if r.http is not None]
-
-
-def _client(app: Any, **kwargs: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, **kwargs), base_url="http://t")
 
 
 def _with_middleware(app: Any, **kwargs: Any) -> Any:
@@ -49,7 +34,7 @@ def _with_middleware(app: Any, **kwargs: Any) -> Any:
 async def test_request_is_one_unit_of_work(web_engine: sa.Engine, reports: list[Report]) -> None:
     """A request's report holds its statements and method, route template and status."""
     app = _with_middleware(fastapi_app(web_engine))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         response = await c.get("/items/4")
     (report,) = reports
     assert (report.kind, report.name, report.statements) == ("request", "GET /items/{n}", 4)
@@ -95,7 +80,7 @@ async def test_route_label_is_the_template(
 ) -> None:
     """Routers included with a prefix and mounted sub-apps resolve to the full template."""
     app = _with_middleware(fastapi_app(sqlite_web_engine))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         assert (await c.get(path)).status_code == 200
     assert [h["route"] for h in _http(reports)] == [route]
 
@@ -105,7 +90,7 @@ async def test_route_label_ignores_the_server_root_path(
 ) -> None:
     """Behind a proxy prefix (`root_path`), the label is the app's template without it."""
     app = _with_middleware(fastapi_app(sqlite_web_engine))
-    async with _client(app, root_path="/api") as c:
+    async with asgi_client(app, root_path="/api") as c:
         assert (await c.get("/api/v1/things/7")).status_code == 200
         assert (await c.get("/api/sub/s/x")).status_code == 200
     assert [h["route"] for h in _http(reports)] == ["/v1/things/{thing_id}", "/sub/s/{q}"]
@@ -116,7 +101,7 @@ async def test_starlette_routes_and_parameterised_mounts(
 ) -> None:
     """Plain Starlette: route templates, and a mount's own parameters put back by name."""
     app = _with_middleware(starlette_app(sqlite_web_engine))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         assert (await c.get("/items/3")).status_code == 200
         assert (await c.get("/m/acme/x/1")).status_code == 200
     assert [h["route"] for h in _http(reports)] == ["/items/{n}", "/m/{tenant}/x/{y}"]
@@ -128,7 +113,7 @@ async def test_unmatched_and_unknown_methods_collapse(
 ) -> None:
     """404s share one route label, and a method outside HTTP's set is `OTHER`."""
     app = _with_middleware(fastapi_app(sqlite_web_engine))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         assert (await c.get("/no/such/path")).status_code == 404
         assert (await c.request("BREW", "/items/1")).status_code == 405
     assert [(h["method"], h["route"], h["status"]) for h in _http(reports)] == [
@@ -143,7 +128,7 @@ async def test_thousand_random_paths_add_no_label_values(sqlite_web_engine: sa.E
     app = fastapi_app(sqlite_web_engine)
     app.add_middleware(QueryWatchMiddleware, registry=registry)
     rng = random.Random(5)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         for _ in range(1000):
             word = "".join(rng.choices(string.ascii_letters + string.digits, k=12))
             await c.get(f"/{word}/{rng.randint(0, 10**6)}")
@@ -162,7 +147,7 @@ async def test_app_exception_passes_through_and_is_reported(
 ) -> None:
     """The app's exception reaches the caller unchanged; the request is reported with 500."""
     app = _with_middleware(fastapi_app(web_engine))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         with pytest.raises(Boom, match="the app's own error"):
             await c.get("/boom")
     (http,) = _http(reports)
@@ -230,7 +215,7 @@ async def test_request_id_round_trip(
 ) -> None:
     """A sane X-Request-ID is echoed and bound for the app's logs; others are replaced."""
     app = _with_middleware(fastapi_app(sqlite_web_engine))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         response = await c.get("/context", headers={"X-Request-ID": sent})
     echoed = response.headers["x-request-id"]
     if kept:
@@ -252,7 +237,7 @@ async def test_request_id_header_is_configurable(
     """`Settings.request_id_header` names the header read and echoed."""
     settings = Settings(request_id_header="X-Correlation-ID")
     app = _with_middleware(fastapi_app(sqlite_web_engine), settings=settings)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         response = await c.get("/items/1", headers={"X-Correlation-ID": "abc"})
     assert response.headers["x-correlation-id"] == "abc"
     assert "x-request-id" not in response.headers
@@ -265,7 +250,7 @@ async def test_server_timing_header(
     """`Settings.server_timing` adds `db;dur=...;desc="N statements"`; off by default."""
     settings = Settings(server_timing=enabled)
     app = _with_middleware(fastapi_app(sqlite_web_engine), settings=settings)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         response = await c.get("/items/3")
     header = response.headers.get("server-timing")
     if not enabled:
@@ -281,7 +266,7 @@ async def test_excluded_paths_are_not_audited(
 ) -> None:
     """Paths in `exclude_paths` pass through without a unit of work."""
     app = _with_middleware(fastapi_app(sqlite_web_engine), exclude_paths=["/items/1"])
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         await c.get("/items/1")
         await c.get("/items/2")
     assert [h["route"] for h in _http(reports)] == ["/items/{n}"]
@@ -318,7 +303,7 @@ async def test_concurrent_requests_never_mix_their_counts(
     app = _with_middleware(fastapi_app(engine, async_engine))
     rng = random.Random(7)
     plan = [(i, rng.choice(["/items", "/async/items"]), rng.randint(0, 9)) for i in range(200)]
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         responses = await asyncio.gather(
             *(
                 c.get(f"{prefix}/{n}", params={"tag": i}, headers={"x-request-id": f"r{i}"})

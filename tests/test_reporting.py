@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 import structlog
@@ -18,7 +17,7 @@ from prometheus_client import CollectorRegistry
 import querywatch
 from querywatch import Settings
 from querywatch.middleware import QueryWatchMiddleware
-from tests.web_apps import fastapi_app
+from tests.web_apps import asgi_client, fastapi_app
 
 
 @pytest.fixture
@@ -45,10 +44,6 @@ def events() -> Iterator[list[dict[str, Any]]]:
     structlog.reset_defaults()
 
 
-def _client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-
-
 def _app(engine: sa.Engine, settings: Settings) -> Any:
     app = fastapi_app(engine)
     app.add_middleware(QueryWatchMiddleware, settings=settings, registry=CollectorRegistry())
@@ -58,7 +53,7 @@ def _app(engine: sa.Engine, settings: Settings) -> Any:
 async def test_request_event_fields(sqlite_web_engine: sa.Engine, events: Any) -> None:
     """`querywatch.request` carries method, route, status, timings, counts, JSON-clean, at info."""
     app = _app(sqlite_web_engine, Settings(log_requests="all"))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         await c.get("/items/3", headers={"X-Request-ID": "req-1"})
     (event,) = events.refresh()
     assert event["event"] == "querywatch.request"
@@ -92,7 +87,7 @@ async def test_log_requests_policy_for_clean_requests(
     """Clean requests are logged for `all`, never for `findings`/`none`, by rate for `sampled`."""
     settings = Settings(log_requests=policy, log_sample_rate=1.0)  # type: ignore[arg-type]
     app = _app(sqlite_web_engine, settings)
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         await c.get("/items/1")
     assert len(events.refresh()) == logged
 
@@ -102,7 +97,7 @@ async def test_sampled_at_rate_zero_logs_no_clean_request(
 ) -> None:
     """`sampled` with `log_sample_rate=0` logs no clean request."""
     app = _app(sqlite_web_engine, Settings(log_requests="sampled", log_sample_rate=0.0))
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         for _ in range(20):
             await c.get("/items/1")
     assert events.refresh() == []
@@ -149,7 +144,7 @@ async def test_request_findings_carry_route_and_request_id(
         return {"n": n}
 
     app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
-    async with _client(app) as c:
+    async with asgi_client(app) as c:
         await c.get("/leak/1", headers={"X-Request-ID": "abc"})
     for conn in held:
         conn.close()

@@ -148,3 +148,10 @@ async def client(app: Any, **kwargs: Any) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, **kwargs)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
+
+
+def asgi_client(app: Any, **transport_options: Any) -> httpx.AsyncClient:
+    """An httpx client that calls `app` in-process over ASGI."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, **transport_options), base_url="http://t"
+    )
