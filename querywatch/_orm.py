@@ -183,8 +183,6 @@ def _record_load(
         # The load's own SELECT, just recorded with its call site: the same user line that
         # touched the attribute, so no second stack walk.
         statement, _, _, _, callsite = pending[-1]
-        if callsite is not None and callsite.startswith("\x00"):
-            callsite = None  # a placeholder for "same site as before", not a site
     if callsite is None:
         callsite = _callsite.capture(1)
     parent = id(state)

@@ -145,7 +145,6 @@ class Shape:
         "count",
         "duplicate_sites",
         "fingerprint",
-        "last_site",
         "operation",
         "parameter_counts",
         "pool",
@@ -169,7 +168,6 @@ class Shape:
         self.duplicate_sites: dict[int, str | None] = {}
         #: call site -> executions there
         self.sites: dict[str | None, Site] = {}
-        self.last_site: str | None = None
 
     def add(
         self,
@@ -196,7 +194,6 @@ class Shape:
             site = sites[callsite] = Site()
         site.count += 1
         site.seconds += seconds
-        self.last_site = callsite
         if key is not None:
             if len(site.parameter_keys) < MAX_PARAMETER_KEYS:
                 site.parameter_keys.add(key)

@@ -150,26 +150,19 @@ def instrumented_engines() -> list[Instrumentation]:
     return [handle for handle in list(_handles.values()) if not handle.removed]
 
 
-def _parameter_key(parameters: Any) -> int | None:
-    """A hash standing for the parameter values (never the values themselves)."""
-    kind = type(parameters)
-    try:
-        if kind is tuple:
-            return hash(parameters)
-        if kind is dict:
-            return hash(tuple(parameters.items()))
-        if kind is list:  # executemany: not a duplicate candidate
-            return None
-        return hash(parameters)
-    except TypeError:  # unhashable values (arrays, JSON): hash their text instead
-        return hash(repr(parameters))
+def _other_parameter_key(parameters: Any) -> int | None:
+    """The parameter hash for what is neither a tuple nor a dict (`record_statement` hashes
+    those inline: they are nearly every statement)."""
+    if type(parameters) is list:  # executemany: not a duplicate candidate
+        return None
+    return hash(parameters)
 
 
 def record_statement(
     collector: Collector, statement: str, seconds: float, parameters: Any, pool: str
 ) -> None:
     """Record one executed statement into `collector` (the hot path: counts now, the rest in
-    batches, see `Collector.fold`)."""
+    batches, see `Collector.fold`). Parameters are kept only as a hash, never as values."""
     collector.statements += 1
     collector.db_seconds += seconds
     kind = type(parameters)
@@ -179,7 +172,7 @@ def record_statement(
         elif kind is dict:
             key = hash(tuple(parameters.items()))
         else:
-            key = _parameter_key(parameters)
+            key = _other_parameter_key(parameters)
     except TypeError:  # unhashable values (arrays, JSON): hash their text instead
         key = hash(repr(parameters))
     # After the first walk per statement string, `capture_for` checks one frame.
