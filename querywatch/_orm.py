@@ -33,7 +33,7 @@ from sqlalchemy.exc import MissingGreenlet, StatementError
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from querywatch import _callsite
-from querywatch._guard import internal_error
+from querywatch._guard import internal_error, maybe_fail
 from querywatch.collection import Collector, LazyGroup, _current
 from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
 from querywatch.fingerprinting import fingerprint_and_operation
@@ -171,6 +171,7 @@ def _record_load(
     collector: Collector, impl: Any, state: Any, key: str, expired: bool, seconds: float
 ) -> None:
     """One attribute load that ran SQL: credit it to its relationship (or model) and call site."""
+    maybe_fail("orm")
     described = _described.get((impl, state.class_))
     if described is None:
         described = _describe(impl, state, key)
@@ -252,6 +253,7 @@ def _record_after_close(
     collector: Collector, impl: Any, state: Any, key: str, exc: BaseException
 ) -> None:
     try:
+        maybe_fail("orm")
         error = type(exc).__name__
         model = _model_name(state)
         prop = getattr(impl, "parent_token", None)

@@ -539,6 +539,7 @@ def close_unit(
     # The guards are inline try/except blocks: a generator context manager costs microseconds
     # per use, and this runs once per request.
     try:
+        _guard.maybe_fail("collector")
         collector.fold()
     except Exception as exc:
         _guard.internal_error("collector", exc)
@@ -563,6 +564,7 @@ def close_unit(
         _install_default_reporters()
     for reporter in tuple(_reporters):
         try:
+            _guard.maybe_fail("reporter")
             reporter(report)
         except Exception as exc:
             _guard.internal_error("reporter", exc)

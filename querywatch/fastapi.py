@@ -128,6 +128,7 @@ def _endpoint_site(endpoint_ctx: Any) -> str | None:
     """`app.py:42 in list_orders (serializing its response)` from FastAPI's endpoint context
     (FastAPI >= 0.115 passes one to serialize_response), else None."""
     try:
+        _guard.maybe_fail("fastapi")
         if isinstance(endpoint_ctx, Mapping):
             file, line, function = (endpoint_ctx.get(k) for k in ("file", "line", "function"))
             if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from querywatch import _callsite
+from querywatch import _callsite, _guard
 from querywatch._guard import internal_error
 from querywatch.collection import FOLD_EVERY, Collector, _current, configure
 from querywatch.settings import Settings
@@ -163,6 +163,8 @@ def record_statement(
 ) -> None:
     """Record one executed statement into `collector` (the hot path: counts now, the rest in
     batches, see `Collector.fold`). Parameters are kept only as a hash, never as values."""
+    if _guard.injected_faults:
+        _guard.maybe_fail("engine")
     collector.statements += 1
     collector.db_seconds += seconds
     kind = type(parameters)

@@ -77,9 +77,12 @@ def install(registry: CollectorRegistry | None = None) -> QueryWatchMetrics:
 
 
 def _record_report(report: Report) -> None:
-    _guard.maybe_fail("metrics")
-    for metrics in list(_live):
-        metrics.record(report)
+    try:
+        _guard.maybe_fail("metrics")
+        for metrics in list(_live):
+            metrics.record(report)
+    except Exception as exc:
+        _guard.internal_error("metrics", exc)
 
 
 def _record_internal_error(component: str) -> None:

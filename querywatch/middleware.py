@@ -120,6 +120,7 @@ class QueryWatchMiddleware:
             if message["type"] == "http.response.start":
                 try:
                     status = message["status"]
+                    _guard.maybe_fail("middleware")
                     message = _with_headers(
                         message, header_name, request_id_bytes, collector, server_timing
                     )
@@ -136,6 +137,7 @@ class QueryWatchMiddleware:
         finally:
             raise_findings = error is None
             try:
+                _guard.maybe_fail("middleware")
                 if error is not None:
                     if isinstance(error, Exception):
                         status = 500

@@ -368,6 +368,7 @@ def _wrap_pool(
         now = perf_counter()
         wait = -1.0  # stays negative unless this call checked a connection out
         try:
+            maybe_fail("pool")
             record = fairy._connection_record
             # The same record again is not a new checkout: SingletonThreadPool's nested connect,
             # or StaticPool handing its one connection out twice.
@@ -412,6 +413,7 @@ def _wrap_pool(
             return_conn(record)
         finally:
             try:
+                maybe_fail("pool")
                 checked_out = out.pop(record, None)
                 if checked_out is not None:
                     since, units = checked_out

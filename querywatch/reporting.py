@@ -61,8 +61,16 @@ def _context(report: Report) -> dict[str, Any]:
 
 
 def log_report(report: Report) -> None:
-    """Log one finished unit of work (the reporter `install()` registers)."""
-    _guard.maybe_fail("reporter")
+    """Log one finished unit of work (the reporter `install()` registers). Its own errors
+    count as component `structlog`."""
+    try:
+        _guard.maybe_fail("structlog")
+        _log_report(report)
+    except Exception as exc:
+        _guard.internal_error("structlog", exc)
+
+
+def _log_report(report: Report) -> None:
     collector = report._c
     settings = collector.settings
     if not settings.enabled:
