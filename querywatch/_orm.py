@@ -24,6 +24,7 @@ Listeners only record; the detectors decide at the end of the unit of work.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from time import perf_counter
@@ -39,6 +40,12 @@ from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
 from querywatch.fingerprinting import fingerprint_and_operation
 
 __all__ = ["ensure_installed", "installed", "release_if_unused", "uninstall"]
+
+#: Distinct parent objects remembered per lazy-load group: enough to tell an N+1 (the
+#: threshold is a handful) while a loop over a million objects holds a bounded set.
+MAX_DISTINCT_PARENTS = 1024
+#: Distinct lazy-load-after-close findings kept per unit of work (each with its count).
+MAX_AFTER_CLOSE_FINDINGS = 256
 
 _lock = threading.Lock()
 #: (owner class, attribute name, original function) of the installed hook, or None.
@@ -197,7 +204,8 @@ def _record_load(
             group.suggestion = _suggestion(pattern, prop, state, subject, key)
         group.count += 1
         group.seconds += seconds
-        group.parents.add(parent)
+        if len(group.parents) < MAX_DISTINCT_PARENTS:
+            group.parents.add(parent)
         group.attributes.add(key)
         phase = c.phase
         group.phases[phase] = group.phases.get(phase, 0) + 1
@@ -275,19 +283,29 @@ def _record_after_close(
                 f"object is used"
             )
         callsite = _callsite.capture(1)
+        fid = finding_id("lazy_load_after_close", f"{owner}.{key}", callsite)
         for c in collector.chain:
             if c.closed:
                 continue
-            c.after_close.append(
-                LazyLoadAfterCloseFinding(
-                    id=finding_id("lazy_load_after_close", f"{owner}.{key}", callsite),
-                    callsite=callsite,
-                    model=owner,
-                    attribute=key,
-                    error=error,
-                    suggestion=suggestion,
-                    phase=c.phase,
-                )
-            )
+            # Merged as they happen (one entry per finding id, with a count): a loop that
+            # catches the error a million times holds one finding, not a million.
+            recorded = c.after_close
+            for i, seen in enumerate(recorded):
+                if seen.id == fid:
+                    recorded[i] = dataclasses.replace(seen, count=seen.count + 1)
+                    break
+            else:
+                if len(recorded) < MAX_AFTER_CLOSE_FINDINGS:
+                    recorded.append(
+                        LazyLoadAfterCloseFinding(
+                            id=fid,
+                            callsite=callsite,
+                            model=owner,
+                            attribute=key,
+                            error=error,
+                            suggestion=suggestion,
+                            phase=c.phase,
+                        )
+                    )
     except Exception as internal:
         internal_error("orm", internal)

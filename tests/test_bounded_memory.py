@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tracemalloc
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import DetachedInstanceError
 
 import querywatch
+from querywatch._orm import MAX_DISTINCT_PARENTS
 from querywatch.collection import MAX_PARAMETER_KEYS, Collector, current_collector
+from tests.models import Author, Base
 
 
 def _run(conn: sa.Connection, start: int, n: int) -> None:
@@ -51,3 +56,38 @@ def test_memory_stays_flat_after_warm_up(sqlite_engine: sa.Engine) -> None:
         finally:
             tracemalloc.stop()
     assert growth < 64 * 1024, f"memory grew by {growth} bytes over 20,000 statements"
+
+
+def test_lazy_loads_over_many_parents_keep_a_bounded_parent_set(sqlite_engine: sa.Engine) -> None:
+    """3,000 lazy loads of one relationship: counted exactly, at most MAX_DISTINCT_PARENTS
+    parents remembered, one N+1 finding."""
+    Base.metadata.create_all(sqlite_engine)
+    with Session(sqlite_engine) as s:
+        s.add_all(Author(name=f"author {i}") for i in range(3_000))
+        s.commit()
+    with Session(sqlite_engine) as s, querywatch.watch("many parents") as report:
+        for author in s.scalars(sa.select(Author)):
+            _ = author.books
+        (group,) = _collector().lazy.values()
+        assert len(group.parents) == MAX_DISTINCT_PARENTS
+    (finding,) = report.n_plus_one
+    assert (finding.count, report.statements) == (3_000, 3_001)
+
+
+def test_repeated_lazy_loads_after_close_are_merged_as_they_happen(
+    sqlite_engine: sa.Engine,
+) -> None:
+    """10,000 caught DetachedInstanceErrors at one line hold one finding with the count."""
+    Base.metadata.create_all(sqlite_engine)
+    with Session(sqlite_engine) as s:
+        s.add(Author(name="only"))
+        s.commit()
+    with Session(sqlite_engine) as s:
+        author = s.scalars(sa.select(Author)).one()
+    with querywatch.watch("after close") as report:
+        for _ in range(10_000):
+            with contextlib.suppress(DetachedInstanceError):
+                _ = author.books
+        assert len(_collector().after_close) == 1
+    (finding,) = report.lazy_loads_after_close
+    assert finding.count == 10_000
