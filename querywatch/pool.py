@@ -5,9 +5,10 @@ What is measured, and where
 SQLAlchemy fires no event before a checkout, none on a pool timeout, and its `checkin` event
 fires before the connection is back in the pool. So the hot path is measured by wrapping two
 methods of each pool *instance* (never its class): `Pool.connect` (wait, pending requests,
-timeouts, the checkout itself) and `Pool._return_conn` (the checkin, once the connection is back
-in the queue). `Pool.recreate` is wrapped too, so the pool that `engine.dispose()` puts in place
-is wrapped before its first use. Each wrapper calls the original first-class: the pool behaves
+timeouts, the checkout itself) and `Pool._return_conn` (the checkin, recorded just before the
+connection goes back in the queue, where another thread may take it at once; observers are told
+once it is back). `Pool.recreate` is wrapped too, so the pool that `engine.dispose()` puts in
+place is wrapped before its first use. Each wrapper calls the original method: the pool behaves
 exactly as before, and its exceptions pass through unchanged. The rarer events are SQLAlchemy
 pool events (which, unlike engine events, do not slow statement execution): `connect` (creation
 time), `invalidate` / `soft_invalidate`, `close`, `detach`, `close_detached`.
@@ -409,9 +410,10 @@ def _wrap_pool(
         return fairy
 
     def querywatch_return_conn(record: sa_pool.ConnectionPoolEntry) -> None:
+        # Bookkeeping first, while the record is still checked out: once `return_conn` has put
+        # it back in the queue, another thread can check it out at once, and that checkout must
+        # not be taken for this one (`record in out`) nor lose its `held` entries to this one.
         try:
-            return_conn(record)
-        finally:
             try:
                 maybe_fail("pool")
                 checked_out = out.pop(record, None)
@@ -426,10 +428,13 @@ def _wrap_pool(
                     use_hist.counts[bisect_left(use_hist.bounds, held_for)] += 1
                     use_hist.sum += held_for
                     use_hist.count += 1
-                if observers:
-                    _notify(stats)
             except Exception as exc:
                 internal_error("pool", exc)
+        finally:
+            return_conn(record)
+        if observers:
+            # After the return: observers read `state()`, which must show the connection idle.
+            _notify(stats)
 
     def querywatch_recreate() -> sa_pool.Pool:
         new_pool = recreate()
