@@ -158,6 +158,9 @@ class _Memo:
 
 
 _MAX_MEMOS = 4096
+#: Longer statement strings are not kept as memo keys: the count bound alone would let 4096
+#: distinct long statements (inlined literals, big expanded IN lists) pin megabytes each.
+_MAX_MEMO_KEY_LENGTH = 10_000
 _memos: dict[object, _Memo] = {}
 
 
@@ -193,6 +196,8 @@ def capture_for(key: object, skip: int = 1) -> str | None:
     if found is None:
         return fallback_site.get()
     text = format_frame(found)
+    if type(key) is str and len(key) > _MAX_MEMO_KEY_LENGTH:
+        return text
     if len(_memos) >= _MAX_MEMOS:
         _memos.clear()
     _memos[key] = _Memo(depth, in_parent, found.f_code, found.f_lasti, text)

@@ -25,12 +25,14 @@ from typing import Any
 from querywatch import _guard
 from querywatch.exceptions import NPlusOneDetected
 from querywatch.findings import (
+    MAX_PARAMETER_EXAMPLES,
     BulkWriteFinding,
     ConnectionLeakFinding,
     DuplicateQueryFinding,
     Finding,
     LazyLoadAfterCloseFinding,
     NPlusOneFinding,
+    parameter_example,
 )
 from querywatch.fingerprinting import _cache as _fingerprint_cache
 from querywatch.fingerprinting import fingerprint_and_operation
@@ -128,12 +130,15 @@ class Query:
 class Site:
     """Executions of one statement shape from one call site."""
 
-    __slots__ = ("count", "parameter_keys", "seconds")
+    __slots__ = ("count", "examples", "parameter_keys", "seconds")
 
     def __init__(self) -> None:
         self.count = 0
         self.seconds = 0.0
         self.parameter_keys: set[int] = set()
+        #: parameter hash -> clipped repr of the first distinct parameter sets, only when
+        #: `Settings.log_parameters` is on (see `Collector.fold`)
+        self.examples: dict[int | None, str] | None = None
 
 
 class Shape:
@@ -143,6 +148,7 @@ class Shape:
         "bucket_seconds",
         "buckets",
         "count",
+        "duplicate_examples",
         "duplicate_sites",
         "fingerprint",
         "operation",
@@ -166,6 +172,9 @@ class Shape:
         self.parameter_counts: dict[int, int] = {}
         #: hash of the parameters -> the call site where it was first repeated.
         self.duplicate_sites: dict[int, str | None] = {}
+        #: call site of a repeat -> hash -> clipped repr of the parameter sets repeated
+        #: `duplicate_threshold` times, only when `Settings.log_parameters` is on
+        self.duplicate_examples: dict[str | None, dict[int, str]] | None = None
         #: call site -> executions there
         self.sites: dict[str | None, Site] = {}
 
@@ -195,8 +204,9 @@ class Shape:
         site.count += 1
         site.seconds += seconds
         if key is not None:
-            if len(site.parameter_keys) < MAX_PARAMETER_KEYS:
-                site.parameter_keys.add(key)
+            keys = site.parameter_keys
+            if len(keys) < MAX_PARAMETER_KEYS:
+                keys.add(key)
             counts = self.parameter_counts
             seen = counts.get(key)
             if seen is not None:
@@ -284,6 +294,7 @@ class Collector:
         "other_pool_durations",
         "parent",
         "pending",
+        "pending_parameters",
         "phase",
         "pool",
         "queries",
@@ -316,6 +327,12 @@ class Collector:
         self.queries: list[tuple[str, str, float, str]] = []
         #: Statements not folded yet: (statement, seconds, parameter hash, pool, call site).
         self.pending: list[tuple[str, float, int | None, str, str | None]] = []
+        #: The parameters of the pending statements, in step with `pending`, when this unit or
+        #: one enclosing it has `Settings.log_parameters` on; None (the hot path skips it) else.
+        inherited = parent is not None and parent.pending_parameters is not None
+        self.pending_parameters: list[Any] | None = (
+            [] if settings.log_parameters or inherited else None
+        )
         self.shapes: dict[str, Shape] = {}
         self.untracked_statements = 0
         self.lazy: dict[tuple[str, str | None], LazyGroup] = {}
@@ -341,6 +358,9 @@ class Collector:
         if not pending:
             return
         self.pending = []
+        parameters = self.pending_parameters
+        if parameters is not None:
+            self.pending_parameters = []
         cache = _fingerprint_cache
         for c in self.chain:
             innermost = c is self
@@ -349,20 +369,73 @@ class Collector:
                 c.db_seconds += sum(entry[1] for entry in pending)
             shapes = c.shapes
             queries = c.queries
+            max_queries = c.max_queries
+            unit = c if innermost else None
             for statement, seconds, key, pool, callsite in pending:
                 cached = cache.get(statement)
                 fingerprint, operation = (
                     cached if cached is not None else fingerprint_and_operation(statement)
                 )
-                if len(queries) < c.max_queries:
-                    queries.append((fingerprint, operation, seconds, pool))
                 shape = shapes.get(fingerprint)
                 if shape is None:
                     if len(shapes) >= c.max_shapes:
                         c.untracked_statements += 1
+                        if len(queries) < max_queries:
+                            queries.append((fingerprint, operation, seconds, pool))
                         continue
                     shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
-                shape.add(seconds, key, pool, callsite, c if innermost else None)
+                if len(queries) < max_queries:
+                    # The shape's own string: the queries of a long statement (too long for the
+                    # fingerprint cache, so fingerprinted anew each time) share one copy.
+                    queries.append((shape.fingerprint, operation, seconds, pool))
+                shape.add(seconds, key, pool, callsite, unit)
+        if parameters is not None and len(parameters) == len(pending):
+            self._keep_examples(pending, parameters)
+
+    def _keep_examples(
+        self,
+        pending: list[tuple[str, float, int | None, str, str | None]],
+        parameters: list[Any],
+    ) -> None:
+        """Keep clipped examples of the bound parameters on the sites and duplicate groups of
+        every unit in the chain with `Settings.log_parameters` on (at most
+        `MAX_PARAMETER_EXAMPLES` each, made only for the ones kept)."""
+        made: dict[int, str] = {}  # index in pending -> its example, shared by every unit
+        shapes_of: dict[str, str] = {}  # statement -> fingerprint, computed once per fold
+
+        def example(index: int) -> str:
+            text = made.get(index)
+            if text is None:
+                text = made[index] = parameter_example(parameters[index])
+            return text
+
+        for c in self.chain:
+            if not c.settings.log_parameters:
+                continue
+            threshold = c.settings.duplicate_threshold
+            shapes = c.shapes
+            for index, (statement, _, key, _, callsite) in enumerate(pending):
+                fingerprint = shapes_of.get(statement)
+                if fingerprint is None:
+                    fingerprint = shapes_of[statement] = fingerprint_and_operation(statement)[0]
+                shape = shapes.get(fingerprint)
+                if shape is None:
+                    continue
+                site = shape.sites.get(callsite)
+                if site is not None:
+                    kept = site.examples
+                    if kept is None:
+                        kept = site.examples = {}
+                    if len(kept) < MAX_PARAMETER_EXAMPLES and key not in kept:
+                        kept[key] = example(index)
+                if key is None or shape.parameter_counts.get(key, 0) < threshold:
+                    continue
+                groups = shape.duplicate_examples
+                if groups is None:
+                    groups = shape.duplicate_examples = {}
+                repeated = groups.setdefault(shape.duplicate_sites.get(key), {})
+                if len(repeated) < MAX_PARAMETER_EXAMPLES and key not in repeated:
+                    repeated[key] = example(index)
 
 
 class Report:

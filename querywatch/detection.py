@@ -70,15 +70,19 @@ def detect(collector: Collector) -> list[Finding]:
     lazy_shapes: set[str] = set()  # shapes of reported lazy-load N+1: not duplicates too
     loop_sites: set[tuple[str, str | None]] = set()  # (shape, site) reported as a loop
 
+    shapes = collector.shapes
     for (_, callsite), group in collector.lazy.items():
         if group.fingerprint:
             claimed.add(group.fingerprint)
         if len(group.parents) >= threshold:
-            findings.append(_lazy_finding(group, callsite))
+            # The loads' statements ran at the line that touched the attribute: their site.
+            shape = shapes.get(group.fingerprint)
+            site = shape.sites.get(callsite) if shape is not None else None
+            examples = _examples(site.examples if site is not None else None)
+            findings.append(_lazy_finding(group, callsite, examples))
             if group.fingerprint:
                 lazy_shapes.add(group.fingerprint)
 
-    shapes = collector.shapes
     for fp, shape in shapes.items():
         if shape.count < 2 or fp in claimed or _exempt(fp, shape):
             continue
@@ -96,6 +100,7 @@ def detect(collector: Collector) -> list[Finding]:
                         count=site.count,
                         seconds=site.seconds,
                         suggestion=_bulk_suggestion(fp, shape.operation),
+                        parameters=_examples(site.examples),
                     )
                 )
             elif not _is_batch_or_page(fp):
@@ -109,6 +114,7 @@ def detect(collector: Collector) -> list[Finding]:
                         seconds=site.seconds,
                         suggestion=_loop_suggestion(fp),
                         distinct=distinct,
+                        parameters=_examples(site.examples),
                     )
                 )
             else:
@@ -138,7 +144,14 @@ def _is_batch_or_page(fp: str) -> bool:
     return bool(_LIMIT.search(fp) and _RANGE.search(fp))
 
 
-def _lazy_finding(group: LazyGroup, callsite: str | None) -> NPlusOneFinding:
+def _examples(kept: dict[Any, str] | None) -> tuple[str, ...]:
+    """The parameter examples kept for a finding (`Settings.log_parameters`), else ()."""
+    return tuple(kept.values()) if kept else ()
+
+
+def _lazy_finding(
+    group: LazyGroup, callsite: str | None, parameters: tuple[str, ...] = ()
+) -> NPlusOneFinding:
     relationship = group.subject if group.pattern == "lazy_load" else None
     phase = max(group.phases.items(), key=lambda item: item[1])[0] if group.phases else "handler"
     subject = relationship or f"{group.subject}#{group.pattern}"
@@ -156,6 +169,7 @@ def _lazy_finding(group: LazyGroup, callsite: str | None) -> NPlusOneFinding:
         model=None if relationship else group.subject,
         attributes=() if relationship else tuple(sorted(group.attributes)),
         distinct=len(group.parents),
+        parameters=parameters,
     )
 
 
@@ -174,6 +188,7 @@ def _duplicates(
         most, redundant = per_site.get(site, (0, 0))
         per_site[site] = (max(most, count), redundant + count - 1)
     average = shape.seconds / shape.count if shape.count else 0.0
+    examples = shape.duplicate_examples or {}
     for site, (most, redundant) in per_site.items():
         yield DuplicateQueryFinding(
             id=finding_id("duplicate_query", shape.fingerprint, site),
@@ -187,6 +202,7 @@ def _duplicates(
                 "cache them for the unit of work); for one ORM object by primary key, "
                 "session.get() answers repeats from the identity map"
             ),
+            parameters=_examples(examples.get(site)),
         )
 
 

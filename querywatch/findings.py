@@ -3,20 +3,62 @@
 Every finding has a stable `id` (a hash of its kind, its subject and its call site, never of
 parameter values) so users can baseline and allowlist it, a `describe()` line for humans and
 exception messages, and `as_log_fields()` with JSON-friendly values for structured logs.
+
+Findings about statements carry bound parameter values only when `Settings.log_parameters` is
+on: a few examples, each a `repr` cut to `MAX_PARAMETER_LENGTH` characters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import reprlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+#: Example parameter sets a finding carries when `Settings.log_parameters` is on.
+MAX_PARAMETER_EXAMPLES = 3
+#: Longest example parameter set, in characters.
+MAX_PARAMETER_LENGTH = 200
 
 
 def finding_id(kind: str, subject: str, callsite: str | None) -> str:
     """A stable 12-hex-digit id for a finding: the same problem at the same place, same id."""
     raw = f"{kind}\x00{subject}\x00{callsite or ''}".encode("utf-8", "replace")
     return hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:12]
+
+
+class _ParameterRepr(reprlib.Repr):
+    """`reprlib` with byte strings cut before they are copied, like `str` already is: the
+    cost of an example never depends on the size of a value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Several values fit in one example; the example as a whole is cut afterwards.
+        self.maxlevel = 3
+        self.maxstring = self.maxother = 80
+        self.maxlong = 40
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+    def repr_bytearray(self, x: bytearray, level: int) -> str:
+        return self.repr_bytes(bytes(x[: self.maxstring + 1]), level)
+
+
+_parameter_repr = _ParameterRepr()
+
+
+def parameter_example(parameters: Any) -> str:
+    """A bounded `repr` of one statement's bound parameters (at most `MAX_PARAMETER_LENGTH`
+    characters, whatever the size of the values); never raises."""
+    try:
+        text = _parameter_repr.repr(parameters)
+    except Exception:  # reprlib guards `__repr__` of objects, not of containers' own code
+        text = f"<{type(parameters).__name__}>"
+    if len(text) > MAX_PARAMETER_LENGTH:
+        text = text[: MAX_PARAMETER_LENGTH - 3] + "..."
+    return text
 
 
 def _clip(text: str, limit: int) -> str:
@@ -48,6 +90,8 @@ class Finding:
             value = getattr(self, f.name)
             if f.name == "fingerprint" and isinstance(value, str):
                 value = _clip(value, max_sql_length)
+            elif f.name == "parameters" and not value:
+                continue  # only with `Settings.log_parameters`: absent, not empty, otherwise
             elif isinstance(value, float):
                 value = round(value, 6)
             elif isinstance(value, tuple):
@@ -80,6 +124,8 @@ class NPlusOneFinding(Finding):
     attributes: tuple[str, ...] = ()
     #: Distinct parent objects (lazy loads) or distinct parameter sets (statement loops).
     distinct: int = 0
+    #: Examples of the bound parameters (only with `Settings.log_parameters`).
+    parameters: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.relationship:
@@ -107,6 +153,8 @@ class BulkWriteFinding(Finding):
     count: int
     seconds: float
     suggestion: str
+    #: Examples of the bound parameters (only with `Settings.log_parameters`).
+    parameters: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return (
@@ -127,6 +175,8 @@ class DuplicateQueryFinding(Finding):
     count: int
     seconds: float
     suggestion: str
+    #: Examples of the repeated bound parameters (only with `Settings.log_parameters`).
+    parameters: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return (

@@ -24,7 +24,9 @@ TRUNCATED_MARKER = " /* querywatch: truncated */"
 _TOKEN = re.compile(
     r"""
       (?P<comment>--[^\n]*|/\*[\s\S]*?(?:\*/|\Z)|\#[^\n]*)
+    | (?P<escaped>(?<![\w$])[eE]'[^'\\]*(?:(?:\\[\s\S]?|'')[^'\\]*)*(?:'|\Z))
     | (?P<string>(?:[eEnNbBxX](?='))?'[^']*(?:''[^']*)*(?:'|\Z))
+    | (?P<dollar>(?<![\w$])\$(?P<tag>(?:[^\W\d]\w*)?)\$[\s\S]*?(?:\$(?P=tag)\$|\Z))
     | (?P<quoted>"[^"]*(?:""[^"]*)*(?:"|\Z)|`[^`]*(?:``[^`]*)*(?:`|\Z))
     | (?P<param>
           (?:__)?\[POSTCOMPILE_\w+(?:~~[^\]]*)?\]
@@ -34,8 +36,8 @@ _TOKEN = re.compile(
         | \?
         | (?<![:\w]):[A-Za-z_]\w*
       )(?:::[A-Za-z_]\w*(?:\s+(?:with|without)\s+time\s+zone)?(?:\([\d,\s]*\))?(?:\[\])*)?
-    | (?P<number>(?<![\w.])[-+]?(?:0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)
-          (?![\w.]))
+    | (?P<number>(?<![\w.])[-+]?(?:0[xX][0-9a-fA-F_]+|0[oObB][0-7_]+
+          |\d[\d_]*(?:\.[\d_]*)?(?:[eE][-+]?\d+)?|\.\d[\d_]*(?:[eE][-+]?\d+)?)(?![\w.]))
     | (?P<space>\s+)
     """,
     re.VERBOSE,
@@ -45,6 +47,7 @@ _TOKEN = re.compile(
 _IN_LIST = re.compile(r"\b(in|values)\s*\(\s*\?(?:\s*,\s*\?)*\s*(?:,\s*)?(?:\)|\Z)", re.IGNORECASE)
 # A multi-row VALUES of placeholders (executemany batches, insertmanyvalues) collapses to one row.
 _VALUES_ROWS = re.compile(r"(\((?:\?|, )+\))(?:\s*,\s*\((?:\?|, )+\))+")
+_SPACES = re.compile(r"  +")
 _FIRST_WORD = re.compile(r"\s*\(*\s*([a-z]+)")
 _DML = re.compile(r"\b(insert|update|delete)\b")
 
@@ -65,12 +68,15 @@ def _replace(match: re.Match[str]) -> str:
     return "?"
 
 
-def _lower_outside_quotes(text: str) -> str:
-    # Quoted identifiers keep their case; everything else is case-insensitive SQL.
+def _normalise_outside_quotes(text: str) -> str:
+    # Quoted identifiers keep their case and spaces; everything else is case-insensitive SQL, in
+    # which the spaces a comment and the whitespace around it became are one separator.
     if '"' not in text and "`" not in text:
-        return text.lower()
+        return _SPACES.sub(" ", text.lower())
     parts = re.split(r'("[^"]*(?:""[^"]*)*(?:"|\Z)|`[^`]*(?:``[^`]*)*(?:`|\Z))', text)
-    return "".join(part if i % 2 else part.lower() for i, part in enumerate(parts))
+    return "".join(
+        part if i % 2 else _SPACES.sub(" ", part.lower()) for i, part in enumerate(parts)
+    )
 
 
 def _compute(sql: str) -> str:
@@ -78,12 +84,14 @@ def _compute(sql: str) -> str:
     if truncated:
         sql = sql[:MAX_INPUT]
     shape = _TOKEN.sub(_replace, sql)
-    shape = _lower_outside_quotes(shape)
+    shape = _normalise_outside_quotes(shape)
     shape = _IN_LIST.sub(lambda m: m.group(1) + " (?)", shape)
     shape = _VALUES_ROWS.sub(r"\1", shape)
-    shape = shape.strip()
-    if shape.endswith(";"):
-        shape = shape[:-1].rstrip()
+    shape = shape.strip().rstrip("; ")
+    if len(shape) > MAX_INPUT:
+        # Lower-casing (U+0130 becomes two characters) and `in(?)` -> `in (?)` can lengthen a
+        # shape: cut it too, so that no shape is longer than MAX_INPUT plus the marker.
+        shape, truncated = shape[:MAX_INPUT], True
     return shape + TRUNCATED_MARKER if truncated else shape
 
 

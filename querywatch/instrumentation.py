@@ -162,7 +162,8 @@ def record_statement(
     collector: Collector, statement: str, seconds: float, parameters: Any, pool: str
 ) -> None:
     """Record one executed statement into `collector` (the hot path: counts now, the rest in
-    batches, see `Collector.fold`). Parameters are kept only as a hash, never as values."""
+    batches, see `Collector.fold`). Parameters are kept only as a hash, never as values,
+    unless a unit opted in with `Settings.log_parameters`."""
     if _guard.injected_faults:
         _guard.maybe_fail("engine")
     collector.statements += 1
@@ -180,6 +181,8 @@ def record_statement(
     # After the first walk per statement string, `capture_for` checks one frame.
     pending = collector.pending
     pending.append((statement, seconds, key, pool, _callsite.capture_for(statement, 1)))
+    if collector.pending_parameters is not None:  # Settings.log_parameters: until the fold
+        collector.pending_parameters.append(parameters)
     if len(pending) >= FOLD_EVERY:
         collector.fold()
 

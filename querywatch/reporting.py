@@ -1,10 +1,11 @@
 """The structlog reporter: a `querywatch.request` event per HTTP request, one event per finding.
 
-Events carry JSON-friendly values only, and never bound parameter values. Levels: `info` for a
-clean request, `warning` for findings, `error` for pool timeouts and lazy loads after close.
-`Settings.log_requests` decides which requests log `querywatch.request` (finding events are
-always logged); units that are not HTTP requests (`watch()`) log their finding events with
-`unit=<name>` instead of route and request id.
+Events carry JSON-friendly values only, and bound parameter values only as the bounded examples
+of `Settings.log_parameters` (off by default). Levels: `info` for a clean request, `warning` for
+findings, `error` for pool timeouts and lazy loads after close. `Settings.log_requests` decides
+which requests log `querywatch.request` (finding events are always logged); units that are not
+HTTP requests (`watch()`) log their finding events with `unit=<name>` instead of route and
+request id.
 """
 
 from __future__ import annotations

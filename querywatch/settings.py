@@ -88,8 +88,9 @@ class Settings:
     log_parameters: bool = field(
         default=False,
         metadata=_doc(
-            "Opt in to bound parameter values in findings and logs. Off: values never leave "
-            "the process."
+            "Opt in to bound parameter values in findings and logs: N+1, duplicate-query and "
+            "bulk-write findings carry up to 3 examples (`parameters`, each cut to 200 "
+            "characters). Off: values never leave the process."
         ),
     )
     server_timing: bool = field(
