@@ -290,6 +290,10 @@ def _notify(stats: PoolStats) -> None:
             internal_error("pool", exc)
 
 
+def _forget_site(site_key: str) -> None:
+    _callsite._memos.pop(site_key, None)
+
+
 def attach(handle: Instrumentation, engine: Engine) -> None:
     """Attach the pool auditing of `engine` to `handle`.
 
@@ -298,6 +302,9 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
     is freed even when it was never uninstrumented."""
     stats = PoolStats(engine, handle.name)
     _stats[handle] = stats
+    # The call-site memo of this engine's checkouts goes with it: otherwise every engine ever
+    # instrumented leaves one behind (until the memo table fills up and is cleared).
+    weakref.finalize(stats, _forget_site, stats._site_key).atexit = False
     wrapped: weakref.WeakSet[sa_pool.Pool] = weakref.WeakSet()
     ours: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
     _wrap_pool(handle, stats, engine.pool, wrapped, ours)
