@@ -289,6 +289,7 @@ class Collector:
         "lazy",
         "max_queries",
         "max_shapes",
+        "metrics",
         "name",
         "nested_finding_ids",
         "other_pool_durations",
@@ -314,6 +315,9 @@ class Collector:
         self.settings = settings
         self.parent = parent
         self.chain: tuple[Collector, ...] = (self, *parent.chain) if parent else (self,)
+        #: The Prometheus metrics this unit records into, set by the middleware that serves it
+        #: (and inherited by units nested in it); None: every registry metrics were installed in.
+        self.metrics: tuple[Any, ...] | None = parent.metrics if parent else None
         self.started = time.perf_counter()
         self.finished: float | None = None
         #: Recording: enabled by the settings and not yet finished. The hot path reads only this.

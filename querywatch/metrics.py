@@ -3,9 +3,10 @@
 `install(registry)` builds the metrics into `registry` the first time and returns the same
 object on every later call, so apps created many times in one process, and Starlette rebuilding
 its middleware stack, never hit "Duplicated timeseries". Finished units of work are recorded by
-one process-wide reporter into every live `QueryWatchMetrics`; per-request work is a few cached
-child lookups, and statement durations arrive pre-bucketed from the collector (one increment
-per non-empty bucket, not one observation per statement).
+one process-wide reporter: a request into the metrics of the middleware that served it (none
+when that app was set up without metrics), any other unit into every live `QueryWatchMetrics`.
+Per-request work is a few cached child lookups, and statement durations arrive pre-bucketed
+from the collector (one increment per non-empty bucket, not one observation per statement).
 
 Pool metrics: in a single process a custom collector reads each pool's state and counters at
 scrape time (no work per checkout). Under `PROMETHEUS_MULTIPROC_DIR` the scrape runs in one
@@ -79,7 +80,9 @@ def install(registry: CollectorRegistry | None = None) -> QueryWatchMetrics:
 def _record_report(report: Report) -> None:
     try:
         _guard.maybe_fail("metrics")
-        for metrics in list(_live):
+        # A request counts in its own app's registry only; other units (jobs) in every one.
+        targets = report._c.metrics
+        for metrics in list(_live) if targets is None else targets:
             metrics.record(report)
     except Exception as exc:
         _guard.internal_error("metrics", exc)

@@ -72,10 +72,12 @@ class QueryWatchMiddleware:
         from querywatch import reporting
 
         reporting.install()
+        #: The metrics this app's requests record into: its own registry's, or none.
+        self.metrics: tuple[Any, ...] = ()
         if metrics:
             from querywatch import metrics as metrics_module
 
-            metrics_module.install(registry)
+            self.metrics = (metrics_module.install(registry),)
         _install_framework_hooks()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -96,6 +98,7 @@ class QueryWatchMiddleware:
         log_tokens: Any = None
         try:
             collector, token = open_unit(method, settings=settings, kind="request")
+            collector.metrics = self.metrics
             log_tokens = bind_contextvars(request_id=request_id)
         except Exception as exc:
             _guard.internal_error("middleware", exc)

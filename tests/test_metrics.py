@@ -298,3 +298,40 @@ def test_lazy_loads_in_nested_units_are_counted_once(sqlite_web_engine: sa.Engin
         return registry.get_sample_value("querywatch_lazy_loads_total", labels)
 
     assert (lazy("inner"), lazy("outer")) == (4, 6)
+
+
+async def test_requests_count_only_in_their_own_apps_registry(
+    sqlite_web_engine: sa.Engine,
+) -> None:
+    """Two apps in one process, each with its own registry: a request counts in its app's
+    registry only, and an app set up without metrics counts in none."""
+    first, second, unmetered = CollectorRegistry(), CollectorRegistry(), CollectorRegistry()
+    apps = []
+    for registry, enabled in ((first, True), (second, True), (unmetered, False)):
+        app = fastapi_app(sqlite_web_engine)
+        app.add_middleware(QueryWatchMiddleware, registry=registry, metrics=enabled)
+        apps.append(app)
+    for app, requests in zip(apps, (1, 2, 4), strict=True):
+        async with asgi_client(app) as c:
+            for _ in range(requests):
+                await c.get("/items/1")
+    labels = {"route": "/items/{n}", "method": "GET"}
+    counts = [
+        registry.get_sample_value("querywatch_request_db_statements_count", labels)
+        for registry in (first, second, unmetered)
+    ]
+    assert counts == [1, 2, None]
+
+
+def test_jobs_count_in_every_registry(sqlite_engine: sa.Engine) -> None:
+    """A `watch()` unit belongs to no app: its findings count in every installed registry."""
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    for registry in registries:
+        metrics.install(registry)
+    with querywatch.watch("nightly"), sqlite_engine.connect() as conn:
+        for _ in range(2):
+            conn.exec_driver_sql("SELECT 1")
+    assert [
+        r.get_sample_value("querywatch_duplicate_queries_total", {"route": "nightly"})
+        for r in registries
+    ] == [1, 1]

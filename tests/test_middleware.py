@@ -323,7 +323,7 @@ async def test_concurrent_requests_never_mix_their_counts(
 def test_middleware_keeps_no_per_request_state(sqlite_web_engine: sa.Engine) -> None:
     """The middleware's attributes are its configuration only (per-request state is local)."""
     middleware = QueryWatchMiddleware(fastapi_app(sqlite_web_engine), registry=CollectorRegistry())
-    assert set(vars(middleware)) == {"app", "settings", "exclude_paths"}
+    assert set(vars(middleware)) == {"app", "settings", "exclude_paths", "metrics"}
 
 
 def test_settings_must_be_settings(sqlite_web_engine: sa.Engine) -> None:
