@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import querywatch
@@ -198,3 +202,38 @@ def reports() -> Iterator[list[querywatch.Report]]:
     remove = querywatch.add_reporter(collected.append)
     yield collected
     remove()
+
+
+class Logs:
+    """structlog's real output: JSON lines written to a buffer."""
+
+    def __init__(self, buffer: io.StringIO) -> None:
+        self.buffer = buffer
+
+    @property
+    def text(self) -> str:
+        return self.buffer.getvalue()
+
+    @property
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    """structlog rendering JSON (context variables merged in) into a buffer, for the test."""
+    buffer = io.StringIO()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=buffer),
+        cache_logger_on_first_use=False,
+    )
+    yield Logs(buffer)
+    structlog.reset_defaults()

@@ -5,8 +5,6 @@ label sets and never make querywatch hold or log megabytes."""
 from __future__ import annotations
 
 import gc
-import io
-import json
 import random
 import re
 import string
@@ -27,42 +25,12 @@ from querywatch import Settings, fingerprint
 from querywatch.fastapi import setup
 from querywatch.fingerprinting import MAX_INPUT
 from querywatch.middleware import KNOWN_METHODS, UNMATCHED_ROUTE
+from tests.conftest import Logs
 from tests.web_apps import fastapi_app, run_statements
 
 Headers = Sequence[tuple[bytes, bytes]]
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 TEN_MB = 10 * 1024 * 1024
-
-
-class Logs:
-    """structlog's real output: JSON lines written to a buffer."""
-
-    def __init__(self, buffer: io.StringIO) -> None:
-        self.buffer = buffer
-
-    @property
-    def lines(self) -> list[str]:
-        return self.buffer.getvalue().splitlines()
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines]
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    """structlog rendering JSON (context variables merged in) into a buffer."""
-    buffer = io.StringIO()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(file=buffer),
-        cache_logger_on_first_use=False,
-    )
-    yield Logs(buffer)
-    structlog.reset_defaults()
 
 
 async def call(

@@ -5,17 +5,14 @@ that lets bounded examples of bound values into findings."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -28,7 +25,7 @@ from querywatch import NPlusOneDetected, Report, Settings, fingerprint
 from querywatch import metrics as metrics_module
 from querywatch.fastapi import setup
 from querywatch.findings import MAX_PARAMETER_EXAMPLES, MAX_PARAMETER_LENGTH
-from tests.conftest import PSYCOPG_URL, require_postgres
+from tests.conftest import PSYCOPG_URL, Logs, require_postgres
 from tests.web_apps import asgi_client
 
 PASSWORD_HASH = "$2b$12$SECRETHASHxyzAbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcd"
@@ -111,35 +108,6 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine
     querywatch.uninstrument(created)
     Base.metadata.drop_all(created)
     created.dispose()
-
-
-@dataclass
-class Logs:
-    buffer: io.StringIO
-
-    @property
-    def text(self) -> str:
-        return self.buffer.getvalue()
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.text.splitlines()]
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    """structlog's real output: JSON lines (context variables merged in) written to a buffer."""
-    buffer = io.StringIO()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(file=buffer),
-        cache_logger_on_first_use=False,
-    )
-    yield Logs(buffer)
-    structlog.reset_defaults()
 
 
 def exercise(engine: sa.Engine) -> sa.Connection:

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -30,6 +30,7 @@ import querywatch.fastapi
 from querywatch import _guard, collection
 from tests.conftest import ASYNCPG_URL, PSYCOPG_URL, require_postgres
 from tests.models import Author, Base, Book
+from tests.web_apps import AuthorOut
 
 AUTHORS = 5
 BOOKS_PER_AUTHOR = 2
@@ -51,19 +52,6 @@ COMPONENTS = (
 
 class Boom(RuntimeError):
     """The app's own error, turned into a 418 by its exception handler."""
-
-
-class BookOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-    id: int
-    title: str
-
-
-class AuthorOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-    id: int
-    name: str
-    books: list[BookOut]
 
 
 class NewAuthor(BaseModel):
