@@ -19,7 +19,7 @@ from querywatch import fingerprint
 from querywatch.fingerprinting import MAX_INPUT, TRUNCATED_MARKER, configure_cache
 from querywatch.settings import DEFAULT_SETTINGS
 
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=40, deadline=None)
 
 # Pieces a tokenizer has to get right: quotes of every kind, open and closed comments, dollar
 # quotes and their tags, escapes, placeholder styles, casts, numbers, and characters whose
