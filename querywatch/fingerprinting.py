@@ -23,7 +23,7 @@ TRUNCATED_MARKER = " /* querywatch: truncated */"
 
 _TOKEN = re.compile(
     r"""
-      (?P<comment>--[^\n]*|/\*[\s\S]*?(?:\*/|\Z)|\#[^\n]*)
+      (?P<comment>--[^\n]*|/\*[\s\S]*?(?:\*/|\Z)|\#(?![>-])[^\n]*)
     | (?P<escaped>(?<![\w$])[eE]'[^'\\]*(?:(?:\\[\s\S]?|'')[^'\\]*)*(?:'|\Z))
     | (?P<string>(?:[eEnNbBxX](?='))?'[^']*(?:''[^']*)*(?:'|\Z))
     | (?P<dollar>(?<![\w$])\$(?P<tag>(?:[^\W\d]\w*)?)\$[\s\S]*?(?:\$(?P=tag)\$|\Z))

@@ -177,3 +177,13 @@ def test_string_literals_never_leak_into_the_shape(secret: str) -> None:
     assert fingerprint(f"SELECT * FROM users WHERE email = '{secret}'") == (
         "select * from users where email = ?"
     )
+
+
+def test_postgres_json_path_operators_are_not_comments() -> None:
+    """`#>`, `#>>` and `#-` are PostgreSQL JSON operators: the rest of the line stays in the
+    shape (its literals stripped), while `# text` is still a MySQL comment."""
+    assert fingerprint("SELECT data #>> '{a,b}' FROM t WHERE id = 5") == (
+        "select data #>> ? from t where id = ?"
+    )
+    assert fingerprint("SELECT data #- '{a}' FROM t") == "select data #- ? from t"
+    assert fingerprint("SELECT 1 # a comment\nFROM t") == "select ? from t"
