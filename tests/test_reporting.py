@@ -3,45 +3,19 @@
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from prometheus_client import CollectorRegistry
 
 import querywatch
 from querywatch import Settings
 from querywatch.middleware import QueryWatchMiddleware
+from tests.conftest import Logs
 from tests.web_apps import asgi_client, fastapi_app
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    """structlog configured to render JSON lines into a buffer; yields the parsed events."""
-    buffer = io.StringIO()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(file=buffer),
-        cache_logger_on_first_use=False,
-    )
-
-    class Lines(list[dict[str, Any]]):
-        def refresh(self) -> Lines:
-            self[:] = [json.loads(line) for line in buffer.getvalue().splitlines()]
-            return self
-
-    lines = Lines()
-    yield lines
-    structlog.reset_defaults()
 
 
 def _app(engine: sa.Engine, settings: Settings) -> Any:
@@ -50,12 +24,12 @@ def _app(engine: sa.Engine, settings: Settings) -> Any:
     return app
 
 
-async def test_request_event_fields(sqlite_web_engine: sa.Engine, events: Any) -> None:
+async def test_request_event_fields(sqlite_web_engine: sa.Engine, logs: Logs) -> None:
     """`querywatch.request` carries method, route, status, timings, counts, JSON-clean, at info."""
     app = _app(sqlite_web_engine, Settings(log_requests="all"))
     async with asgi_client(app) as c:
         await c.get("/items/3", headers={"X-Request-ID": "req-1"})
-    (event,) = events.refresh()
+    (event,) = logs.events()
     assert event["event"] == "querywatch.request"
     assert event["level"] == "info"
     expected = {
@@ -82,25 +56,25 @@ async def test_request_event_fields(sqlite_web_engine: sa.Engine, events: Any) -
     [("all", 1), ("findings", 0), ("none", 0), ("sampled", 1)],
 )
 async def test_log_requests_policy_for_clean_requests(
-    sqlite_web_engine: sa.Engine, events: Any, policy: str, logged: int
+    sqlite_web_engine: sa.Engine, logs: Logs, policy: str, logged: int
 ) -> None:
     """Clean requests are logged for `all`, never for `findings`/`none`, by rate for `sampled`."""
     settings = Settings(log_requests=policy, log_sample_rate=1.0)  # type: ignore[arg-type]
     app = _app(sqlite_web_engine, settings)
     async with asgi_client(app) as c:
         await c.get("/items/1")
-    assert len(events.refresh()) == logged
+    assert len(logs.events()) == logged
 
 
 async def test_sampled_at_rate_zero_logs_no_clean_request(
-    sqlite_web_engine: sa.Engine, events: Any
+    sqlite_web_engine: sa.Engine, logs: Logs
 ) -> None:
     """`sampled` with `log_sample_rate=0` logs no clean request."""
     app = _app(sqlite_web_engine, Settings(log_requests="sampled", log_sample_rate=0.0))
     async with asgi_client(app) as c:
         for _ in range(20):
             await c.get("/items/1")
-    assert events.refresh() == []
+    assert logs.events() == []
 
 
 @pytest.fixture
@@ -113,23 +87,23 @@ def file_engine(tmp_path: Path) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def test_job_findings_are_logged_with_the_unit_name(file_engine: sa.Engine, events: Any) -> None:
+def test_job_findings_are_logged_with_the_unit_name(file_engine: sa.Engine, logs: Logs) -> None:
     """A `watch()` unit logs its findings with `unit=<name>` and no request event."""
     with querywatch.watch("nightly-import"):
         leaked = file_engine.connect()  # never closed inside the unit: a leak
         leaked.exec_driver_sql("SELECT 1")
     leaked.close()
-    (event,) = [e for e in events.refresh() if e["event"] == "querywatch.connection_leak"]
+    (event,) = [e for e in logs.events() if e["event"] == "querywatch.connection_leak"]
     assert event["unit"] == "nightly-import"
     assert event["level"] == "warning"
     assert event["kind"] == "connection_leak"
     assert len(event["finding_id"]) == 12
     assert "route" not in event
-    assert not [e for e in events if e["event"] == "querywatch.request"]
+    assert not [e for e in logs.events() if e["event"] == "querywatch.request"]
 
 
 async def test_request_findings_carry_route_and_request_id(
-    file_engine: sa.Engine, events: Any
+    file_engine: sa.Engine, logs: Logs
 ) -> None:
     """A finding of a request is logged with its route and request id, and the request event
     (logged because it has findings) counts it at warning level."""
@@ -148,16 +122,16 @@ async def test_request_findings_carry_route_and_request_id(
         await c.get("/leak/1", headers={"X-Request-ID": "abc"})
     for conn in held:
         conn.close()
-    by_event = {e["event"]: e for e in events.refresh()}
+    by_event = {e["event"]: e for e in logs.events()}
     leak_event = by_event["querywatch.connection_leak"]
     assert (leak_event["route"], leak_event["request_id"]) == ("/leak/{n}", "abc")
     request = by_event["querywatch.request"]
     assert (request["level"], request["connection_leak"], request["findings"]) == ("warning", 1, 1)
 
 
-def test_disabled_settings_log_nothing(file_engine: sa.Engine, events: Any) -> None:
+def test_disabled_settings_log_nothing(file_engine: sa.Engine, logs: Logs) -> None:
     """With `enabled=False` a unit of work logs nothing, even a would-be leak."""
     with querywatch.watch("off", settings=Settings(enabled=False)):
         conn = file_engine.connect()
     conn.close()
-    assert events.refresh() == []
+    assert logs.events() == []
