@@ -1,26 +1,31 @@
 """Fuzz `fingerprint()`: a million generated inputs, no exception, linear time, bounded output.
 
 1. Generated inputs (default 1,000,000, fixed seed) through `fingerprint_and_operation` and
-   `fingerprint`: SQL-ish token soups, unbalanced quotes, open `--` and `/*` comments, dollar
-   quotes, E'' escapes, huge IN lists (one of 1,000,000 literals and one of 1,000,000
-   placeholders are always among them), random bytes, invalid UTF-8, lone surrogates, NUL
-   bytes, emoji, very long identifiers, deeply nested parentheses, and objects that are not
-   text (bytes, bytearray, memoryview, None, ints, floats, SQLAlchemy `TextClause`, an object
-   whose `__str__` raises). Every result must be a string no longer than MAX_INPUT plus the
-   truncation marker, with a known operation; and a canary word inside a well-formed string
-   literal (standard, E'', dollar-quoted) must never reach the shape.
+   `fingerprint`, each with one of the dialects in turn (None, sqlite, postgresql, mysql,
+   mssql, oracle, and the quoting modes of postgresql and mysql): SQL-ish token soups,
+   unbalanced quotes, open `--` and `/*` comments, dollar quotes, E'' escapes, huge IN lists
+   (one of 1,000,000 literals and one of 1,000,000 placeholders are always among them), random
+   bytes, invalid UTF-8, lone surrogates, NUL bytes, emoji, very long identifiers, deeply
+   nested parentheses, and objects that are not text (bytes, bytearray, memoryview, None, ints,
+   floats, SQLAlchemy `TextClause`, an object whose `__str__` raises). Every result must be a
+   string no longer than MAX_INPUT plus the truncation marker, with a known operation; and a
+   canary word inside a well-formed string literal of the input's dialect (standard, E'',
+   dollar-quoted, MySQL backslash-escaped '...' and "...", Oracle q'[...]'), next to comments
+   and quoted names holding quotes, must never reach the shape.
 2. Linear time: nanoseconds per character at 1k to 10M characters for adversarial patterns,
    as shipped. Fails when the cost per character of the largest input processed whole
    (MAX_INPUT = 100,000 characters) exceeds `--max-ratio` times its cost at 10k characters, when
    a 10M-character input costs more than 3 times a 100k one (beyond MAX_INPUT the input is cut),
-   or when a cut input's shape lacks the truncation marker. `--uncut` also prints the table with
-   the cut lifted (information only: where the tokenizer itself stops being linear).
+   or when a cut input's shape lacks the truncation marker. The same check runs for every
+   dialect's tokenizer (a second table: the ratio per pattern and dialect). `--uncut` also
+   prints the first table with the cut lifted (information only: where the tokenizer itself
+   stops being linear).
 
 The fingerprint cache is switched off (`configure_cache(0)`): every call does the real work.
 Prints a summary; exits 1 on any failure.
 
     python benchmarks/fuzz_fingerprint.py [--inputs 1000000] [--seed 8] [--max-ratio 5]
-        [--sizes 1000,10000,100000,1000000,10000000] [--uncut]
+        [--sizes 1000,10000,100000,1000000,10000000] [--uncut] [--dialects all|none|a,b]
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ from querywatch.fingerprinting import (
 )
 
 OPERATIONS = {"SELECT", "INSERT", "UPDATE", "DELETE", "OTHER"}
+#: Every input is fingerprinted with one of these in turn (None: the conservative tokenizer).
+DIALECTS: list[str | None] = [
+    None,
+    "sqlite",
+    "postgresql",
+    "postgresql/backslash_escapes",
+    "mysql",
+    "mysql/ansi_quotes",
+    "mysql/no_backslash_escapes",
+    "mssql",
+    "oracle",
+]
 MAX_SHAPE = MAX_INPUT + len(TRUNCATED_MARKER)
 CANARY = "QWCANARYZZ"
 
@@ -55,7 +72,8 @@ TOKENS = [
     "'", "''", '"', '""', "`", "--", "/*", "*/", "#", "$$", "$a$", "$tag$", "$1", "$2::int",
     "?", ":name", "::", "%s", "%(p)s", "__[POSTCOMPILE_id_1]", "e'", "E'", "N'", "X'", "B'",
     "\\", "\\'", "1", "-2", "3.5e3", "0x1f", "1_000", ".5", "NULL", "\x00", "\ud800", "\udcff",
-    "\u0130", "\U0001f600", "\u200b", "\ufeff", "\u2028", "ß", "Σ",
+    "\u0130", "\U0001f600", "\u200b", "\ufeff", "\u2028", "ß", "Σ", "-- ", "#>", "#>>", "U&'",
+    "q'[", "]'", "q'!", "nq'", "[", "]", "]]", "\\\"", "/**/",
 ]  # fmt: skip
 ALPHABET = "abcxyz_$'\"`-/*#\\()?:,;% \n\t0123456789eE.\x00\u0130\U0001f600\udc80"
 
@@ -160,21 +178,60 @@ def not_text(rng: random.Random) -> object:
     return object()
 
 
-def canary(rng: random.Random) -> object:
-    """A well-formed literal around the canary, in a well-formed statement."""
-    junk = "".join(rng.choices("ab '\\$\n-/*#\"`", k=rng.randint(0, 12)))
+def _standard(content: str, quote: str = "'") -> str:
+    return quote + content.replace(quote, quote * 2) + quote
+
+
+def _backslashed(content: str, quote: str = "'") -> str:
+    return quote + content.replace("\\", "\\\\").replace(quote, "\\" + quote) + quote
+
+
+#: The literals each dialect reads, as functions of their content.
+_STANDARD_FORMS: list[Callable[[str], str]] = [_standard, lambda c: "N" + _standard(c)]
+_E = [lambda c: "E" + _backslashed(c), lambda c: "$$" + c.replace("$", "") + "$$"]
+LITERALS: dict[str | None, list[Callable[[str], str]]] = {
+    None: [*_STANDARD_FORMS, *_E, lambda c: "X" + _standard(c), lambda c: "B" + _standard(c)],
+    "sqlite": [_standard, lambda c: "X" + _standard(c)],
+    "postgresql": [*_STANDARD_FORMS, *_E, lambda c: "U&" + _standard(c)],
+    "postgresql/backslash_escapes": [_backslashed, *_E],
+    "mysql": [_backslashed, lambda c: _backslashed(c, '"'), lambda c: "N" + _backslashed(c)],
+    "mysql/ansi_quotes": [_backslashed, lambda c: "_utf8mb4" + _backslashed(c)],
+    "mysql/no_backslash_escapes": [_standard, lambda c: _standard(c, '"')],
+    "mssql": _STANDARD_FORMS,
+    "oracle": [
+        *_STANDARD_FORMS,
+        lambda c: "q'[" + c.replace("]", "") + "]'",
+        lambda c: "nQ'!" + c.replace("!", "") + "!'",
+    ],
+}
+#: Comments, operators and quoted names each dialect reads, whose quotes open no string.
+_PG_DECOYS = ["/* a /* it's */ it's */", "-- it's\n", '"it\'s"', "# 1", "#>> '{a}'", "$1"]
+DECOYS: dict[str | None, list[str]] = {
+    None: ["/* it's */", "-- it's\n", "# it's\n", '"it\'s"', "`it's`", "#>> '{a}'"],
+    "sqlite": ["/* it's */", "-- it's\n", "[it's]", '"it\'s"', "`it's`"],
+    "postgresql": _PG_DECOYS,
+    "postgresql/backslash_escapes": _PG_DECOYS,
+    "mysql": ["/* it's */", "-- it's\n", "# it's\n", "#>> it's\n", "`it's`", "--1"],
+    "mysql/ansi_quotes": ["/* it's */", "-- it's\n", "# it's\n", "`it's`", '"it\'s"'],
+    "mysql/no_backslash_escapes": ["/* it's */", "--\tit's\n", "# it's\n", "`it\\'s`"],
+    "mssql": ["/* a /* it's */ it's */", "-- it's\n", "[it's]", "[a]]'b]", "#tmp"],
+    "oracle": ["/* it's */", "-- it's\n", '"it\'s"', "a#b"],
+}
+
+
+def canary(rng: random.Random, dialect: str | None = None) -> object:
+    """A well-formed literal of `dialect` around the canary, in a well-formed statement of
+    that dialect with quotes in its comments and quoted names."""
+    junk = "".join(rng.choices("ab '\\$\n-/*#\"`[]!", k=rng.randint(0, 12)))
     content = junk[: rng.randint(0, len(junk))] + CANARY + junk
-    kind = rng.randint(0, 3)
-    if kind == 0:
-        literal = "'" + content.replace("'", "''") + "'"
-    elif kind == 1:
-        literal = "E'" + content.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    elif kind == 2:
-        literal = "$$" + content.replace("$", "") + "$$"
-    else:
-        literal = rng.choice(["N", "X", "B", ""]) + "'" + content.replace("'", "''") + "'"
+    literal = rng.choice(LITERALS[dialect])(content)
+    decoys = DECOYS[dialect]
     where = rng.choice(["a = {}", "a IN ({}, {})", "f({})", "a LIKE {} ESCAPE '!'"])
-    return "SELECT a FROM t WHERE " + where.format(literal, literal) + " AND b = ?"
+    return (
+        f"SELECT a {rng.choice(decoys)} FROM t WHERE {rng.choice(decoys)} "
+        + where.format(literal, literal)
+        + f" AND b = ? {rng.choice(decoys)}"
+    )
 
 
 class _Unprintable:
@@ -222,13 +279,16 @@ def fixed_inputs() -> list[tuple[str, object]]:
 # -- part 1: generated inputs --------------------------------------------------------------
 
 
-def check_one(value: object, which: int, failures: list[str], label: str) -> int:
-    """Fingerprint `value`; record any failure. Returns 1 for a canary leak, else 0."""
+def check_one(
+    value: object, which: int, failures: list[str], label: str, dialect: str | None = None
+) -> int:
+    """Fingerprint `value` in `dialect`; record any failure. Returns 1 for a canary leak, else 0."""
+    label = f"{label} [{dialect}]"
     try:
         if which:
-            shape, operation = fingerprint_and_operation(value)
+            shape, operation = fingerprint_and_operation(value, dialect=dialect)
         else:
-            shape = fingerprint(value)
+            shape = fingerprint(value, dialect=dialect)
             operation = fingerprinting.operation_of(shape)
     except Exception as exc:
         failures.append(f"{label}: {type(exc).__name__}: {exc} for {_short(value)}")
@@ -249,7 +309,7 @@ def _short(value: object) -> str:
 
 
 def run_inputs(
-    n: int, seed: int, fixed: list[tuple[str, object]]
+    n: int, seed: int, fixed: list[tuple[str, object]], dialects: list[str | None]
 ) -> tuple[list[str], Counter[str], float, tuple[float, str]]:
     rng = random.Random(seed)
     failures: list[str] = []
@@ -259,6 +319,7 @@ def run_inputs(
     weights = [w for _, w in GENERATORS]
     started = time.perf_counter()
     for i in range(n):
+        dialect = dialects[i % len(dialects)]
         if i < len(fixed):
             label, value = fixed[i]
         elif i % LARGE_EVERY == LARGE_EVERY // 2:
@@ -266,10 +327,11 @@ def run_inputs(
             label, value = generator.__name__, generator(rng)
         else:
             generator = rng.choices(funcs, weights)[0]
-            label, value = generator.__name__, generator(rng)
+            label = generator.__name__
+            value = canary(rng, dialect) if generator is canary else generator(rng)
         counts[label] += 1
         t0 = time.perf_counter()
-        check_one(value, i & 1, failures, label)
+        check_one(value, (i // len(dialects)) & 1, failures, label, dialect)
         took = time.perf_counter() - t0
         if took > slowest[0]:
             slowest = (took, f"{label} ({len(fingerprinting._as_text(value)):,} characters)")
@@ -307,13 +369,29 @@ PATTERNS = {
     "NUL": "\x00",
     "soup": "".join(random.Random(1).choices(TOKENS, k=400)),
 }
+#: Patterns aimed at one dialect's tokenizer (timed, with PATTERNS, in every dialect).
+DIALECT_PATTERNS = {
+    "'\\": "'\\",
+    '"x\\"': '"x\\"',
+    "-- ": "-- ",
+    "--1": "--1",
+    "/* /* */": "/* /* */",
+    "/**/*": "/**/*",
+    "/*/*/*": "/*/*/*",
+    "[a]]": "[a]]",
+    "[": "[",
+    "q'[": "q'[",
+    "q'!": "q'!",
+    "U&'": "U&'",
+    "#>": "#>",
+}
 
 
-def seconds_per_call(sql: str) -> float:
+def seconds_per_call(sql: str, dialect: str | None = None) -> float:
     """Best of 5 batches, each long enough to time (the cache is off, and strings this long
     are never cached anyway); one call when a call takes longer than 0.3 s."""
     t0 = time.perf_counter()
-    fingerprint(sql)
+    fingerprint(sql, dialect=dialect)
     once = time.perf_counter() - t0
     per_batch = max(1, int(0.02 / max(once, 1e-7)))
     batches = 5 if once < 0.3 else 0
@@ -321,7 +399,7 @@ def seconds_per_call(sql: str) -> float:
     for _ in range(batches):
         t0 = time.perf_counter()
         for _ in range(per_batch):
-            fingerprint(sql)
+            fingerprint(sql, dialect=dialect)
         best = min(best, (time.perf_counter() - t0) / per_batch)
     return best
 
@@ -378,6 +456,40 @@ def timing_table(sizes: list[int], capped: bool, max_ratio: float) -> list[str]:
     return failures
 
 
+def dialect_table(dialects: list[str | None], max_ratio: float) -> list[str]:
+    """Per pattern and dialect, the growth of the cost per character from 10k to 100k
+    characters, and of the cost per call from 100k to 10M (cut at MAX_INPUT): print the
+    table, return the failures."""
+    failures = []
+    small, top, huge = 10_000, MAX_INPUT, 10_000_000
+    names = ["none" if d is None else d.replace("postgresql", "pg") for d in dialects]
+    print(f"\nper dialect: cost per character {top // 1000}k/{small // 1000}k "
+          f"(and per call {huge // 1_000_000}M/{top // 1000}k when above 3)")  # fmt: skip
+    print("| pattern    | " + " | ".join(f"{n:>9.9}" for n in names) + " |")
+    print(f"|{'-' * 12}|" + "|".join("-" * 11 for _ in names) + "|")
+    gc.disable()
+    try:
+        for name, unit in {**PATTERNS, **DIALECT_PATTERNS}.items():
+            texts = [(unit * (size // len(unit) + 1))[:size] for size in (small, top, huge)]
+            cells = []
+            for dialect in dialects:
+                costs = [seconds_per_call(text, dialect) for text in texts]
+                ratio = (costs[1] / top) / (costs[0] / small)
+                flat = costs[2] / costs[1]
+                if not fingerprint(texts[2], dialect=dialect).endswith(TRUNCATED_MARKER):
+                    failures.append(f"{name} [{dialect}]: cut input without the marker")
+                if ratio > max_ratio:
+                    failures.append(f"{name} [{dialect}]: per-character cost grew {ratio:.1f}x")
+                if flat > 3:
+                    failures.append(f"{name} [{dialect}]: 10M chars cost {flat:.1f}x 100k")
+                mark = "" if ratio <= max_ratio and flat <= 3 else " FAIL"
+                cells.append(f"{ratio:.2f}" + (f"/{flat:.1f}" if flat > 3 else "") + mark)
+            print(f"| {name:<10} | " + " | ".join(f"{c:>9}" for c in cells) + " |")
+    finally:
+        gc.enable()
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--inputs", type=int, default=1_000_000)
@@ -387,14 +499,27 @@ def main() -> int:
     parser.add_argument(
         "--uncut", action="store_true", help="also time the tokenizer with MAX_INPUT lifted"
     )
+    parser.add_argument(
+        "--dialects",
+        default="all",
+        help="'all', 'none' (the conservative tokenizer only) or a comma-separated list",
+    )
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    if args.dialects == "all":
+        dialects = DIALECTS
+    elif args.dialects == "none":
+        dialects = [None]
+    else:
+        dialects = [None if d == "none" else d for d in args.dialects.split(",")]
     configure_cache(0)  # every call does the work
 
     python = sys.version.split()[0]
+    shown = ", ".join(str(d) for d in dialects)
     print(f"fuzz_fingerprint: {args.inputs:,} inputs, seed {args.seed}, Python {python}")
+    print(f"dialects, in turn: {shown}")
     fixed = fixed_inputs()
-    failures, counts, seconds, slowest = run_inputs(args.inputs, args.seed, fixed)
+    failures, counts, seconds, slowest = run_inputs(args.inputs, args.seed, fixed, dialects)
     print(f"\n{sum(counts.values()):,} inputs in {seconds:.1f} s "
           f"({seconds / max(1, sum(counts.values())) * 1e6:.1f} µs each); "
           f"slowest single input {slowest[0] * 1e3:.1f} ms: {slowest[1]}")  # fmt: skip
@@ -419,6 +544,8 @@ def main() -> int:
     failures += timing_table(sizes, capped=True, max_ratio=args.max_ratio)
     if args.uncut:
         timing_table(sizes, capped=False, max_ratio=args.max_ratio)
+    if dialects != [None]:
+        failures += dialect_table(dialects, args.max_ratio)
     if cache_len():
         failures.append(f"the fingerprint cache holds {cache_len()} entries with size 0")
 
@@ -429,8 +556,9 @@ def main() -> int:
             print(f"  - {failure}")
         return 1
     print(
-        f"PASS: {sum(counts.values()):,} inputs, no exception, no literal leaked, every shape "
-        f"<= {MAX_SHAPE:,} characters; cost per character flat within {args.max_ratio}x"
+        f"PASS: {sum(counts.values()):,} inputs in {len(dialects)} dialect(s), no exception, "
+        f"no literal leaked, every shape <= {MAX_SHAPE:,} characters; cost per character flat "
+        f"within {args.max_ratio}x"
     )
     return 0
 

@@ -269,7 +269,10 @@ def rss_bytes() -> int:
 def cache_sizes() -> dict[str, tuple[int, int]]:
     """name -> (entries, bound) of every process-wide cache querywatch keeps."""
     return {
-        "fingerprints": (fingerprinting.cache_len(), fingerprinting._cache_size),
+        "fingerprints": (
+            fingerprinting.cache_len(),
+            fingerprinting._cache_size * len(fingerprinting.caches()),  # one per dialect family
+        ),
         "callsite_memo": (len(_callsite._memos), _callsite._MAX_MEMOS),
         "library_codes": (len(_callsite._is_library_code), _callsite._MAX_CACHED_CODES),
         "display_names": (len(_callsite._display_names), _callsite._MAX_CACHED_CODES),
@@ -289,12 +292,13 @@ def cache_content_bytes() -> int:
             seen.add(id(obj))
             total += sys.getsizeof(obj)
 
-    for key, result in list(fingerprinting._cache.items()):
-        add(key)
-        add(result)
-        add(result[0])
-        add(result[1])
-    add(fingerprinting._cache)
+    for cache in fingerprinting.caches():
+        for key, result in list(cache.items()):
+            add(key)
+            add(result)
+            add(result[0])
+            add(result[1])
+        add(cache)
     for statement, memo in list(_callsite._memos.items()):
         add(statement)
         add(memo)

@@ -28,6 +28,9 @@ RUN_DB = f"querywatch_test_{os.getpid()}"
 _ADMIN_URL = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}"
 PSYCOPG_URL = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{RUN_DB}"
 ASYNCPG_URL = f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{RUN_DB}"
+MARIADB_HOST = os.environ.get("QUERYWATCH_MARIADB_HOST", "127.0.0.1")
+MARIADB_PORT = int(os.environ.get("QUERYWATCH_MARIADB_PORT", "3306"))
+MARIADB_URL = f"mysql+pymysql://root@{MARIADB_HOST}:{MARIADB_PORT}/test"
 
 
 def _postgres_answers() -> bool:
@@ -45,6 +48,18 @@ def require_postgres() -> None:
     if os.environ.get("QUERYWATCH_REQUIRE_POSTGRES") == "1":
         pytest.fail(f"QUERYWATCH_REQUIRE_POSTGRES=1 but no PostgreSQL at {PG_HOST}:{PG_PORT}")
     pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT}")
+
+
+def require_mariadb() -> None:
+    """Skip when no MariaDB answers, unless CI demands it (QUERYWATCH_REQUIRE_MARIADB=1)."""
+    try:
+        with socket.create_connection((MARIADB_HOST, MARIADB_PORT), timeout=1.0):
+            return
+    except OSError:
+        pass
+    if os.environ.get("QUERYWATCH_REQUIRE_MARIADB") == "1":
+        pytest.fail(f"QUERYWATCH_REQUIRE_MARIADB=1 but no MariaDB at {MARIADB_HOST}:{MARIADB_PORT}")
+    pytest.skip(f"no MariaDB at {MARIADB_HOST}:{MARIADB_PORT}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -109,6 +124,18 @@ def pg_engine() -> Iterator[sa.Engine]:
     """An instrumented psycopg 3 engine on the local PostgreSQL (skips when absent)."""
     require_postgres()
     engine = sa.create_engine(PSYCOPG_URL)
+    querywatch.instrument(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def mariadb_engine() -> Iterator[sa.Engine]:
+    """An instrumented pymysql engine on the local MariaDB's `test` database (skips when
+    absent)."""
+    require_mariadb()
+    engine = sa.create_engine(MARIADB_URL)
     querywatch.instrument(engine)
     yield engine
     querywatch.uninstrument(engine)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from querywatch import fingerprint
-from querywatch.fingerprinting import MAX_INPUT, TRUNCATED_MARKER, cache_len, operation_of
+from querywatch.fingerprinting import MAX_INPUT, TRUNCATED_MARKER, cache_for, operation_of
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_cache_is_bounded() -> None:
     """Thousands of distinct statements never grow the cache past its bound."""
     for i in range(10_000):
         fingerprint(f"SELECT {i} FROM t{i}")
-    assert cache_len() <= 2048
+    assert len(cache_for(None)) <= 2048
 
 
 def _seconds(sql: str) -> float:
