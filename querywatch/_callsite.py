@@ -8,7 +8,9 @@ asyncio task), where the user's coroutine awaits.
 
 from __future__ import annotations
 
+import linecache
 import os
+import re
 import sys
 import sysconfig
 from contextvars import ContextVar
@@ -58,6 +60,7 @@ def set_project_root(root: str | None) -> None:
     global _root
     _root = os.path.abspath(root) if root else os.getcwd()
     _display_names.clear()
+    _filenames.clear()
     _memos.clear()
 
 
@@ -123,9 +126,58 @@ def user_frame(frame: FrameType | None) -> FrameType | None:
     return _locate(frame)[0]
 
 
+def function_name(code: CodeType) -> str:
+    """The name of the function a code object belongs to: for a generator expression, a
+    comprehension or a lambda (`<genexpr>`, `<listcomp>` ...), the function that encloses it."""
+    name = code.co_name
+    if not name.startswith("<"):
+        return name
+    qualname: str = getattr(code, "co_qualname", name)  # Python 3.11+
+    for part in reversed(qualname.split(".")):
+        if not part.startswith("<"):
+            return part
+    return name
+
+
 def format_frame(frame: FrameType) -> str:
     """`path/to/file.py:LINE in function`, the path relative to the project root."""
-    return f"{_display(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
+    code = frame.f_code
+    filename = code.co_filename
+    display = _display(filename)
+    if len(_filenames) < _MAX_CACHED_CODES:
+        _filenames[display] = filename
+    return f"{display}:{frame.f_lineno} in {function_name(code)}"
+
+
+_LINE = re.compile(r":\d+ in ")
+_LOCATION = re.compile(r"^(.*?):(\d+) in ")  # the first site, when a text names several
+#: display path -> the file's real path, for reading a call site's source line back
+_filenames: dict[str, str] = {}
+
+
+def stable_site(callsite: str | None) -> str:
+    """A call site without its line number (`path in function`): what finding ids are made of,
+    so that they survive edits elsewhere in the file."""
+    if not callsite:
+        return ""
+    return _LINE.sub(" in ", callsite, count=1)
+
+
+def location(callsite: str | None) -> tuple[str, int] | None:
+    """(real file name, line number) of a call site this process formatted, else None."""
+    match = _LOCATION.match(callsite or "")
+    if match is None:
+        return None
+    display, line = match.groups()
+    return _filenames.get(display) or os.path.join(_root, display), int(line)
+
+
+def source_line(callsite: str | None) -> str:
+    """The source text at a call site (stripped), or "" when it cannot be read."""
+    where = location(callsite)
+    if where is None:
+        return ""
+    return linecache.getline(*where).strip()
 
 
 #: The call site to report when no user frame is on the stack: while FastAPI builds a response
@@ -144,17 +196,52 @@ def capture(skip: int = 1) -> str | None:
     return format_frame(frame) if frame is not None else fallback_site.get()
 
 
+#: Frames looked through beyond a call site for the user code that called it.
+_MAX_CALLER_DEPTH = 64
+
+
+def _caller_of(frame: FrameType) -> tuple[FrameType | None, int]:
+    """The next user frame outwards from the user frame `frame` (the code that called the
+    function holding the call site), and its distance from `frame`; (None, 0) if there is none."""
+    cache = _is_library_code
+    caller = frame.f_back
+    distance = 1
+    while caller is not None and distance <= _MAX_CALLER_DEPTH:
+        code = caller.f_code
+        library = cache.get(code)
+        if library is None:
+            library = _library(code)
+            if len(cache) < _MAX_CACHED_CODES:
+                cache[code] = library
+        if not library:
+            return caller, distance
+        caller = caller.f_back
+        distance += 1
+    return None, 0
+
+
+#: A call site and the user line that called its function: `(site, caller or None)`.
+Where = tuple["str | None", "str | None"]
+
+
 class _Memo:
-    """Where the user frame of a statement was last found, and what it said."""
+    """Where the user frame of a statement (and its caller's) was last found, and what they
+    said."""
 
-    __slots__ = ("code", "depth", "in_parent", "lasti", "text")
+    __slots__ = ("caller_code", "caller_depth", "caller_lasti", "code", "depth", "in_parent",
+                 "lasti", "where")  # fmt: skip
 
-    def __init__(self, depth: int, in_parent: bool, code: CodeType, lasti: int, text: str) -> None:
+    def __init__(
+        self, depth: int, in_parent: bool, found: FrameType, caller: FrameType | None, distance: int
+    ) -> None:
         self.depth = depth
         self.in_parent = in_parent
-        self.code = code
-        self.lasti = lasti
-        self.text = text
+        self.code = found.f_code
+        self.lasti = found.f_lasti
+        self.caller_depth = distance
+        self.caller_code = caller.f_code if caller is not None else None
+        self.caller_lasti = caller.f_lasti if caller is not None else -1
+        self.where: Where = (format_frame(found), format_frame(caller) if caller else None)
 
 
 _MAX_MEMOS = 4096
@@ -164,41 +251,91 @@ _MAX_MEMO_KEY_LENGTH = 10_000
 _memos: dict[object, _Memo] = {}
 
 
-def _frame_at(memo: _Memo) -> FrameType | None:
-    """The frame `memo.depth` levels into the parent greenlet's stack."""
+def forget(key: object) -> None:
+    """Drop the memo of `key` (an engine's pool goes, and its memo with it)."""
+    _memos.pop(key, None)
+
+
+def _frame_at(depth: int) -> FrameType | None:
+    """The frame `depth` levels into the parent greenlet's stack."""
     greenlet_module = sys.modules.get("greenlet")
     parent = greenlet_module.getcurrent().parent if greenlet_module is not None else None
     frame: FrameType | None = parent.gr_frame if parent is not None else None
-    for _ in range(memo.depth):
+    for _ in range(depth):
         if frame is None:
             return None
         frame = frame.f_back
     return frame
 
 
-def capture_for(key: object, skip: int = 1) -> str | None:
-    """`capture()`, remembered per `key` (a statement string): when the frame found last time
-    for this key is at the same depth, in the same code at the same instruction, it is the same
-    call site, and the walk and the formatting are skipped. Otherwise, a full walk."""
+def _same(memo: _Memo, skip: int) -> bool:
+    """Whether the stack still has the memo's call site and caller where it found them."""
+    frame: FrameType | None
+    caller: FrameType | None
+    if memo.in_parent:
+        frame = _frame_at(memo.depth)
+        caller = _frame_at(memo.depth + memo.caller_depth) if memo.caller_code else None
+    else:
+        try:
+            frame = sys._getframe(skip + 1 + memo.depth)  # walks in C
+        except ValueError:  # the stack is shallower now
+            return False
+        caller = None
+        if memo.caller_code is not None:
+            try:
+                caller = sys._getframe(skip + 1 + memo.depth + memo.caller_depth)
+            except ValueError:
+                return False
+    if frame is None or frame.f_code is not memo.code or frame.f_lasti != memo.lasti:
+        return False
+    if memo.caller_code is None:
+        return True
+    return (
+        caller is not None
+        and caller.f_code is memo.caller_code
+        and caller.f_lasti == memo.caller_lasti
+    )
+
+
+_NOWHERE: Where = (None, None)
+
+
+def where_for(key: object, skip: int = 1) -> Where:
+    """The call site of the caller's caller's user code and the user line that called its
+    function, remembered per `key` (a statement string): when both frames found last time for
+    this key are at the same depths, in the same code at the same instructions, it is the same
+    place, and the walk and the formatting are skipped. Otherwise, a full walk."""
     memo = _memos.get(key)
     if memo is not None:
-        frame: FrameType | None
         if memo.in_parent:
-            frame = _frame_at(memo)
-        else:
+            if _same(memo, skip + 1):
+                return memo.where
+        else:  # `_same()` inlined: this runs for nearly every statement
+            depth = skip + 1 + memo.depth
             try:
-                frame = sys._getframe(skip + 1 + memo.depth)  # walks in C
+                frame = sys._getframe(depth)  # walks in C
+                same = frame.f_code is memo.code and frame.f_lasti == memo.lasti
+                if same and memo.caller_code is not None:
+                    frame = sys._getframe(depth + memo.caller_depth)
+                    same = frame.f_code is memo.caller_code and frame.f_lasti == memo.caller_lasti
             except ValueError:  # the stack is shallower now
-                frame = None
-        if frame is not None and frame.f_code is memo.code and frame.f_lasti == memo.lasti:
-            return memo.text
+                same = False
+            if same:
+                return memo.where
     found, depth, in_parent = _locate(sys._getframe(skip + 1))
     if found is None:
-        return fallback_site.get()
-    text = format_frame(found)
+        site = fallback_site.get()
+        return (site, None) if site is not None else _NOWHERE
+    caller, distance = _caller_of(found)
+    memo = _Memo(depth, in_parent, found, caller, distance)
     if type(key) is str and len(key) > _MAX_MEMO_KEY_LENGTH:
-        return text
+        return memo.where
     if len(_memos) >= _MAX_MEMOS:
         _memos.clear()
-    _memos[key] = _Memo(depth, in_parent, found.f_code, found.f_lasti, text)
-    return text
+    _memos[key] = memo
+    return memo.where
+
+
+def capture_for(key: object, skip: int = 1) -> str | None:
+    """`where_for(key)`'s call site alone."""
+    return where_for(key, skip + 1)[0]

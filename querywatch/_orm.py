@@ -37,7 +37,7 @@ from querywatch import _callsite
 from querywatch._guard import internal_error, maybe_fail
 from querywatch.collection import Collector, LazyGroup, _current
 from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
-from querywatch.fingerprinting import fingerprint_and_operation
+from querywatch.fingerprinting import dialect_key, shape_of
 
 __all__ = ["ensure_installed", "installed", "release_if_unused", "uninstall"]
 
@@ -187,10 +187,12 @@ def _record_load(
     pending = collector.pending
     statement: str | None = None
     callsite: str | None = None
+    dialect: Any = None
     if pending:
         # The load's own SELECT, just recorded with its call site: the same user line that
         # touched the attribute, so no second stack walk.
-        statement, _, _, _, callsite = pending[-1]
+        last = pending[-1]
+        statement, callsite, dialect = last[0], last[5][0], last[4][1]
     if callsite is None:
         callsite = _callsite.capture(1)
     parent = id(state)
@@ -210,7 +212,8 @@ def _record_load(
         phase = c.phase
         group.phases[phase] = group.phases.get(phase, 0) + 1
         if not group.fingerprint and statement is not None:
-            group.fingerprint = fingerprint_and_operation(statement)[0]
+            # The shape the fold gives the same statement: read as its engine's dialect.
+            group.fingerprint = shape_of(statement, dialect=dialect_key(dialect))[0]
 
 
 def _owner_name(prop: Any, fallback: str) -> str:

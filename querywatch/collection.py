@@ -14,16 +14,18 @@ metrics) once, by the innermost unit that found it.
 from __future__ import annotations
 
 import time
-import warnings
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from uuid import UUID
 
-from querywatch import _guard
-from querywatch.exceptions import NPlusOneDetected
+from querywatch import _guard, _statements
+from querywatch._callsite import Where
+from querywatch.exceptions import FindingsDetected, warn_finding
+from querywatch.exceptions import QueryWatchWarning as QueryWatchWarning  # it lived here
 from querywatch.findings import (
     MAX_PARAMETER_EXAMPLES,
     BulkWriteFinding,
@@ -34,8 +36,7 @@ from querywatch.findings import (
     NPlusOneFinding,
     parameter_example,
 )
-from querywatch.fingerprinting import _cache as _fingerprint_cache
-from querywatch.fingerprinting import fingerprint_and_operation
+from querywatch.fingerprinting import StatementShape, cache_for, dialect_key, shape_of
 from querywatch.settings import DEFAULT_SETTINGS, Mode, Settings
 
 __all__ = ["Collector", "PoolReport", "Query", "Report", "current_report", "watch"]
@@ -130,15 +131,86 @@ class Query:
 class Site:
     """Executions of one statement shape from one call site."""
 
-    __slots__ = ("count", "examples", "parameter_keys", "seconds")
+    __slots__ = ("count", "examples", "filter_keys", "in_lengths", "parameter_keys", "seconds")
 
-    def __init__(self) -> None:
+    def __init__(self, info: ShapeInfo) -> None:
         self.count = 0
         self.seconds = 0.0
+        #: hashes of the distinct (statement, parameters) executed here
         self.parameter_keys: set[int] = set()
+        #: for a paged shape: hashes of the distinct values that select rows (the parameters
+        #: without LIMIT, OFFSET and keyset values); None for other shapes
+        self.filter_keys: set[int | None] | None = set() if info.paged else None
+        #: for a shape with an IN list: list length -> executions; None for other shapes
+        self.in_lengths: dict[int, int] | None = {} if info.in_list else None
         #: parameter hash -> clipped repr of the first distinct parameter sets, only when
         #: `Settings.log_parameters` is on (see `Collector.fold`)
         self.examples: dict[int | None, str] | None = None
+
+
+class ShapeInfo:
+    """What a statement shape does, read once from its fingerprint (shared by every unit)."""
+
+    __slots__ = ("boundary", "in_list", "paged", "reads", "table", "tables", "written")
+
+    def __init__(self, fingerprint: str, operation: str) -> None:
+        self.reads = operation == "SELECT"
+        self.tables = _statements.tables_read(fingerprint) if self.reads else frozenset()
+        #: the one table read, when there is exactly one
+        self.table = next(iter(self.tables)) if len(self.tables) == 1 else ""
+        self.written = (
+            _statements.table_written(fingerprint)
+            if operation in ("INSERT", "UPDATE", "DELETE")
+            else None
+        )
+        self.boundary = operation == "OTHER" and _statements.is_boundary(fingerprint)
+        self.paged = self.reads and _statements.is_paged(fingerprint)
+        self.in_list = " in (?)" in fingerprint or "any(?)" in fingerprint
+
+
+_MAX_SHAPE_INFOS = 4096
+_shape_infos: dict[str, ShapeInfo] = {}
+
+
+def shape_info(fingerprint: str, operation: str) -> ShapeInfo:
+    info = _shape_infos.get(fingerprint)
+    if info is None:
+        info = ShapeInfo(fingerprint, operation)
+        if len(_shape_infos) >= _MAX_SHAPE_INFOS:
+            _shape_infos.clear()
+        _shape_infos[fingerprint] = info
+    return info
+
+
+#: A read repeated after this many seconds of idle time (not spent in the database) is a
+#: deliberate re-read - a polling loop that waits for a change made elsewhere - not a duplicate.
+POLL_INTERVAL = 0.05
+#: Call sites (with their callers) remembered per duplicated statement.
+MAX_DUPLICATE_SITES = 8
+
+
+class Duplicate:
+    """Redundant executions of one statement with one parameter set: repeats in the same
+    transaction, with no write in between, that the unit could have answered itself."""
+
+    __slots__ = ("examples", "most", "redundant", "wheres")
+
+    def __init__(self, first: Where) -> None:
+        #: the longest run of identical executions
+        self.most = 1
+        #: executions that repeated an earlier one
+        self.redundant = 0
+        #: (call site, caller) of the executions involved, first one first
+        self.wheres: list[Where] = [first]
+        #: a clipped repr of the parameters (`Settings.log_parameters` only)
+        self.examples: str | None = None
+
+    def repeat(self, run: int, where: Where) -> None:
+        self.redundant += 1
+        if run > self.most:
+            self.most = run
+        if where not in self.wheres and len(self.wheres) < MAX_DUPLICATE_SITES:
+            self.wheres.append(where)
 
 
 class Shape:
@@ -148,11 +220,11 @@ class Shape:
         "bucket_seconds",
         "buckets",
         "count",
-        "duplicate_examples",
-        "duplicate_sites",
+        "duplicates",
         "fingerprint",
+        "info",
+        "last",
         "operation",
-        "parameter_counts",
         "pool",
         "seconds",
         "sites",
@@ -162,59 +234,20 @@ class Shape:
         self.fingerprint = fingerprint
         self.operation = operation
         self.pool = pool
+        self.info = shape_info(fingerprint, operation)
         self.count = 0
         self.seconds = 0.0
         #: executions of the innermost unit per bucket of STATEMENT_BUCKETS (+Inf last)
         self.buckets = [0] * (len(STATEMENT_BUCKETS) + 1)
         #: total seconds of the executions counted in `buckets` (the histogram's sum)
         self.bucket_seconds = 0.0
-        #: hash of the parameters -> executions; values themselves are never kept.
-        self.parameter_counts: dict[int, int] = {}
-        #: hash of the parameters -> the call site where it was first repeated.
-        self.duplicate_sites: dict[int, str | None] = {}
-        #: call site of a repeat -> hash -> clipped repr of the parameter sets repeated
-        #: `duplicate_threshold` times, only when `Settings.log_parameters` is on
-        self.duplicate_examples: dict[str | None, dict[int, str]] | None = None
+        #: parameter hash -> (state the read saw, end time, database clock at the end, where,
+        #: length of its run of identical reads); values themselves are never kept
+        self.last: dict[int, tuple[tuple[Any, int, int], float, float, Where, int]] = {}
+        #: parameter hash -> its redundant repeats
+        self.duplicates: dict[int, Duplicate] = {}
         #: call site -> executions there
         self.sites: dict[str | None, Site] = {}
-
-    def add(
-        self,
-        seconds: float,
-        key: int | None,
-        pool: str,
-        callsite: str | None,
-        innermost: Collector | None,
-    ) -> None:
-        self.count += 1
-        self.seconds += seconds
-        if innermost is not None:
-            # Durations feed the statement histogram once, from the innermost unit.
-            if pool == self.pool:
-                self.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
-                self.bucket_seconds += seconds
-            elif len(innermost.other_pool_durations) < MAX_OTHER_POOL_DURATIONS:
-                innermost.other_pool_durations.append((pool, self.operation, seconds))
-        sites = self.sites
-        site = sites.get(callsite)
-        if site is None:
-            if len(sites) >= MAX_CALLSITES:
-                return
-            site = sites[callsite] = Site()
-        site.count += 1
-        site.seconds += seconds
-        if key is not None:
-            keys = site.parameter_keys
-            if len(keys) < MAX_PARAMETER_KEYS:
-                keys.add(key)
-            counts = self.parameter_counts
-            seen = counts.get(key)
-            if seen is not None:
-                counts[key] = seen + 1
-                if seen == 1:
-                    self.duplicate_sites[key] = callsite
-            elif len(counts) < MAX_PARAMETER_KEYS:
-                counts[key] = 1
 
 
 class LazyGroup:
@@ -256,8 +289,10 @@ class PoolUsage:
         self.wait_seconds = 0.0
         self.timeouts = 0
         self.max_held = 0
-        #: id(connection record) -> (pool name, checkout time, call site or None)
-        self.held: dict[int, tuple[str, float, str | None]] = {}
+        #: id(connection record) -> (pool name, checkout time, call site or None, owner): the
+        #: owner is None for the Connection that checked it out, else a Session's (type name,
+        #: call site where it was opened); see `querywatch.pool`
+        self.held: dict[int, tuple[str, float, str | None, tuple[str, str | None] | None]] = {}
         self.leaked: list[ConnectionLeakFinding] = []
 
 
@@ -272,20 +307,29 @@ class PoolReport:
     leaked: int
 
 
+#: One recorded execution, as the hot path appends it: (statement, parameters, start time,
+#: seconds, (pool name, SQLAlchemy dialect), (call site, caller), transaction serial).
+Pending = tuple[str, Any, float, float, tuple[str, Any], Where, "int | None"]
+
+
 class Collector:
-    """The mutable record of one unit of work. Listeners write; nobody else reads until it ends."""
+    """The mutable record of one unit of work: statement hooks append to it, the fold turns
+    what they appended into shapes, and the detectors read it when the unit ends."""
 
     __slots__ = (
         "__weakref__",
         "active",
         "after_close",
+        "barrier",
         "chain",
+        "db_clock",
         "db_seconds",
         "failed_statements",
         "findings",
         "finished",
         "http",
         "kind",
+        "last_context",
         "lazy",
         "max_queries",
         "max_shapes",
@@ -295,7 +339,6 @@ class Collector:
         "other_pool_durations",
         "parent",
         "pending",
-        "pending_parameters",
         "phase",
         "pool",
         "queries",
@@ -304,7 +347,9 @@ class Collector:
         "shapes",
         "started",
         "statements",
+        "table_writes",
         "untracked_statements",
+        "writes",
     )  # fmt: skip
 
     def __init__(
@@ -329,16 +374,19 @@ class Collector:
         self.db_seconds = 0.0
         #: (fingerprint, operation, seconds, pool) of the first `max_queries` statements
         self.queries: list[tuple[str, str, float, str]] = []
-        #: Statements not folded yet: (statement, seconds, parameter hash, pool, call site).
-        self.pending: list[tuple[str, float, int | None, str, str | None]] = []
-        #: The parameters of the pending statements, in step with `pending`, when this unit or
-        #: one enclosing it has `Settings.log_parameters` on; None (the hot path skips it) else.
-        inherited = parent is not None and parent.pending_parameters is not None
-        self.pending_parameters: list[Any] | None = (
-            [] if settings.log_parameters or inherited else None
-        )
+        #: Statements not folded yet, in execution order.
+        self.pending: list[Pending] = []
+        #: A weak reference to the execution context of the last insertmanyvalues statement:
+        #: the pages of one execution share it.
+        self.last_context: Any = None
         self.shapes: dict[str, Shape] = {}
         self.untracked_statements = 0
+        #: What the fold has seen so far: database time, writes per table, all writes, and
+        #: transaction boundaries sent as statements (savepoints, a COMMIT sent as text).
+        self.db_clock = 0.0
+        self.table_writes: dict[str, int] = {}
+        self.writes = 0
+        self.barrier = 0
         self.lazy: dict[tuple[str, str | None], LazyGroup] = {}
         self.after_close: list[LazyLoadAfterCloseFinding] = []
         self.pool = PoolUsage()
@@ -354,6 +402,17 @@ class Collector:
     def closed(self) -> bool:
         return self.finished is not None
 
+    def add_page(self, seconds: float) -> None:
+        """Add another page of the last statement's execution (its time, not a statement)."""
+        self.db_seconds += seconds
+        pending = self.pending
+        if pending:
+            last = pending[-1]
+            pending[-1] = (last[0], last[1], last[2], last[3] + seconds, *last[4:])
+        else:  # the first page was folded already: its enclosing units need the time too
+            for c in self.chain[1:]:
+                c.db_seconds += seconds
+
     def fold(self) -> None:
         """Fold the buffered statements into shapes, sites and parameter counts, here and in
         every enclosing unit. Called by the hot path every `FOLD_EVERY` statements, and before
@@ -362,84 +421,174 @@ class Collector:
         if not pending:
             return
         self.pending = []
-        parameters = self.pending_parameters
-        if parameters is not None:
-            self.pending_parameters = []
-        cache = _fingerprint_cache
         for c in self.chain:
             innermost = c is self
             if not innermost:
                 c.statements += len(pending)
-                c.db_seconds += sum(entry[1] for entry in pending)
-            shapes = c.shapes
-            queries = c.queries
-            max_queries = c.max_queries
-            unit = c if innermost else None
-            for statement, seconds, key, pool, callsite in pending:
-                cached = cache.get(statement)
-                fingerprint, operation = (
-                    cached if cached is not None else fingerprint_and_operation(statement)
-                )
-                shape = shapes.get(fingerprint)
-                if shape is None:
-                    if len(shapes) >= c.max_shapes:
-                        c.untracked_statements += 1
-                        if len(queries) < max_queries:
-                            queries.append((fingerprint, operation, seconds, pool))
-                        continue
-                    shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
-                if len(queries) < max_queries:
-                    # The shape's own string: the queries of a long statement (too long for the
-                    # fingerprint cache, so fingerprinted anew each time) share one copy.
-                    queries.append((shape.fingerprint, operation, seconds, pool))
-                shape.add(seconds, key, pool, callsite, unit)
-        if parameters is not None and len(parameters) == len(pending):
-            self._keep_examples(pending, parameters)
+                c.db_seconds += sum(entry[3] for entry in pending)
+            c._fold(pending, innermost)
 
-    def _keep_examples(
-        self,
-        pending: list[tuple[str, float, int | None, str, str | None]],
-        parameters: list[Any],
-    ) -> None:
-        """Keep clipped examples of the bound parameters on the sites and duplicate groups of
-        every unit in the chain with `Settings.log_parameters` on (at most
-        `MAX_PARAMETER_EXAMPLES` each, made only for the ones kept)."""
-        made: dict[int, str] = {}  # index in pending -> its example, shared by every unit
-        shapes_of: dict[str, str] = {}  # statement -> fingerprint, computed once per fold
-
-        def example(index: int) -> str:
-            text = made.get(index)
-            if text is None:
-                text = made[index] = parameter_example(parameters[index])
-            return text
-
-        for c in self.chain:
-            if not c.settings.log_parameters:
-                continue
-            threshold = c.settings.duplicate_threshold
-            shapes = c.shapes
-            for index, (statement, _, key, _, callsite) in enumerate(pending):
-                fingerprint = shapes_of.get(statement)
-                if fingerprint is None:
-                    fingerprint = shapes_of[statement] = fingerprint_and_operation(statement)[0]
-                shape = shapes.get(fingerprint)
-                if shape is None:
+    def _fold(self, pending: list[Pending], innermost: bool) -> None:
+        # `Shape.add` and `Shape.read` written out inline: this loop runs for every statement,
+        # and a method call costs as much as the work it would do.
+        shapes = self.shapes
+        queries = self.queries
+        max_queries = self.max_queries
+        examples: dict[int, str] | None = {} if self.settings.log_parameters else None
+        table_writes = self.table_writes
+        other_durations = self.other_pool_durations
+        clock = self.db_clock
+        last_source: Any = None
+        cache: dict[str, StatementShape] = {}
+        dialect: str | None = None
+        pool = ""
+        for index, (statement, parameters, t0, seconds, source, where, txn) in enumerate(pending):
+            if source is not last_source:
+                last_source = source
+                pool = source[0]
+                dialect = dialect_key(source[1])  # once per fold and engine
+                cache = cache_for(dialect)
+            shaped = cache.get(statement)
+            if shaped is None:
+                shaped = shape_of(statement, dialect=dialect)
+            fingerprint, operation, _ = shaped
+            key = _parameter_key(statement, parameters)
+            before = clock
+            clock += seconds
+            shape = shapes.get(fingerprint)
+            if shape is None:
+                if len(shapes) >= self.max_shapes:
+                    self.untracked_statements += 1
+                    if len(queries) < max_queries:
+                        queries.append((fingerprint, operation, seconds, pool))
                     continue
-                site = shape.sites.get(callsite)
-                if site is not None:
+                shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
+            if len(queries) < max_queries:
+                # The shape's own string: the queries of a long statement (too long for the
+                # fingerprint cache, so fingerprinted anew each time) share one copy.
+                queries.append((shape.fingerprint, operation, seconds, pool))
+            shape.count += 1
+            shape.seconds += seconds
+            if innermost:
+                # Durations feed the statement histogram once, from the innermost unit.
+                if pool == shape.pool:
+                    shape.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
+                    shape.bucket_seconds += seconds
+                elif len(other_durations) < MAX_OTHER_POOL_DURATIONS:
+                    other_durations.append((pool, operation, seconds))
+            info = shape.info
+            sites = shape.sites
+            callsite = where[0]
+            site = sites.get(callsite)
+            if site is None and len(sites) < MAX_CALLSITES:
+                site = sites[callsite] = Site(info)
+            if site is not None:
+                site.count += 1
+                site.seconds += seconds
+                if key is not None and len(site.parameter_keys) < MAX_PARAMETER_KEYS:
+                    site.parameter_keys.add(key)
+                filters = site.filter_keys
+                if filters is not None and len(filters) < MAX_PARAMETER_KEYS:
+                    slots = _statements.paging_slots(statement)
+                    filters.add(_hash(_statements.filter_values(parameters, slots)))
+                lengths = site.in_lengths
+                if lengths is not None:
+                    length = _statements.in_list_length(statement, parameters)
+                    if length in lengths or len(lengths) < MAX_IN_LENGTHS:
+                        lengths[length] = lengths.get(length, 0) + 1
+                if examples is not None:
                     kept = site.examples
                     if kept is None:
                         kept = site.examples = {}
                     if len(kept) < MAX_PARAMETER_EXAMPLES and key not in kept:
-                        kept[key] = example(index)
-                if key is None or shape.parameter_counts.get(key, 0) < threshold:
-                    continue
-                groups = shape.duplicate_examples
-                if groups is None:
-                    groups = shape.duplicate_examples = {}
-                repeated = groups.setdefault(shape.duplicate_sites.get(key), {})
-                if len(repeated) < MAX_PARAMETER_EXAMPLES and key not in repeated:
-                    repeated[key] = example(index)
+                        kept[key] = _example(examples, pending, index)
+            written = info.written
+            if written is not None:
+                table_writes[written] = table_writes.get(written, 0) + 1
+                self.writes += 1
+                continue
+            if not info.reads:
+                if info.boundary or operation != "OTHER":
+                    self.barrier += 1  # a write whose table cannot be read off: anything changed
+                continue
+            if key is None:
+                continue
+            # Duplicates: the state this read saw - its transaction, the boundaries sent as
+            # statements, and the writes to the tables it reads.
+            tables = info.tables
+            if not tables:
+                seen = self.writes
+            elif len(tables) == 1:
+                seen = table_writes.get(info.table, 0)
+            else:
+                seen = sum(table_writes.get(table, 0) for table in tables)
+            state = (txn, self.barrier, seen)
+            last_reads = shape.last
+            last = last_reads.get(key)
+            run = 1
+            if last is not None:
+                # A repeat in the same state, without a pause (idle time: wall time between
+                # the two reads not spent running statements), is redundant.
+                if last[0] == state and (t0 - last[1]) - (before - last[2]) < POLL_INTERVAL:
+                    run = last[4] + 1
+                    duplicate = shape.duplicates.get(key)
+                    if duplicate is None:
+                        duplicate = shape.duplicates[key] = Duplicate(last[3])
+                    duplicate.repeat(run, where)
+                    if examples is not None and duplicate.examples is None:
+                        duplicate.examples = _example(examples, pending, index)
+            elif len(last_reads) >= MAX_PARAMETER_KEYS:
+                continue
+            last_reads[key] = (state, t0 + seconds, clock, where, run)
+        self.db_clock = clock
+
+
+#: Distinct IN-list lengths remembered per call site.
+MAX_IN_LENGTHS = 16
+
+
+def _hash(value: Any) -> int:
+    try:
+        return hash(value)
+    except TypeError:  # unhashable values (arrays, JSON): hash their text instead
+        return hash(repr(value))
+
+
+def _parameter_key(statement: str, parameters: Any) -> int | None:
+    """A hash of the statement string and its bound values (None for an executemany batch,
+    which is never a duplicate). The statement is part of it: a `text()` statement with its
+    values pasted in differs by its string, not its parameters."""
+    kind = type(parameters)
+    if kind is list:
+        return None
+    try:
+        if kind is dict:
+            if UUID in map(type, parameters.values()):
+                return hash((statement, tuple(_same_text(parameters.items()))))
+            return hash((statement, tuple(parameters.items())))
+        if kind is tuple and UUID in map(type, parameters):
+            return hash((statement, tuple(_text_of(value) for value in parameters)))
+        return hash((statement, parameters))
+    except TypeError:
+        return hash((statement, repr(parameters)))
+
+
+def _same_text(items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    """Bound values with UUIDs as their text: a UUID and its string are one value."""
+    for name, value in items:
+        yield name, _text_of(value)
+
+
+def _text_of(value: Any) -> Any:
+    return str(value) if type(value) is UUID else value
+
+
+def _example(made: dict[int, str], pending: list[Pending], index: int) -> str:
+    """The parameter example of a pending statement (made once per fold and unit)."""
+    text = made.get(index)
+    if text is None:
+        text = made[index] = parameter_example(pending[index][1])
+    return text
 
 
 class Report:
@@ -584,6 +733,10 @@ def open_unit(
         fallback = _fallback_parent
         if fallback is not None and not fallback.closed:
             parent = fallback
+    if parent is not None:
+        # The parent's statements so far come before the new unit's, in the parent's record too
+        # (a re-read is judged against the writes that preceded it).
+        parent.fold()
     collector = Collector(name, settings or _settings, parent, kind)
     return collector, _current.set(collector)
 
@@ -601,7 +754,7 @@ def close_unit(
 ) -> None:
     """End a unit of work: reset the context, detect, freeze, report, and apply the mode.
 
-    Raises `NPlusOneDetected` only in `raise` mode, only when `raise_findings` is true.
+    Raises `FindingsDetected` only in `raise` mode, only when `raise_findings` is true.
     """
     if token is not None:
         try:
@@ -650,20 +803,16 @@ def close_unit(
     mode: Mode = collector.settings.mode
     if mode == "warn":
         for finding in report.findings_to_report():
-            warnings.warn(QueryWatchWarning(finding.describe()), stacklevel=3)
+            warn_finding(finding)  # at its call site in the user's code
     elif mode == "raise" and raise_findings:
-        raise NPlusOneDetected(collector.name, findings)
-
-
-class QueryWatchWarning(UserWarning):
-    """Issued for each finding in `warn` mode."""
+        raise FindingsDetected(collector.name, findings)
 
 
 class watch:
     """Audit a unit of work that is not an HTTP request: a job, a CLI command, a test.
 
     Usable as `with` and `async with`; yields the unit's `Report`, live inside the block and
-    final after it. In `raise` mode, findings raise `NPlusOneDetected` when the block exits
+    final after it. In `raise` mode, findings raise `FindingsDetected` when the block exits
     (unless the block itself raised: your exception is never replaced).
     """
 

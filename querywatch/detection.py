@@ -8,13 +8,17 @@ statements is one problem, reported once:
    or deferred attributes reloaded object by object. The statement shapes these loads ran are
    *claimed*: the backstop below never reports them again.
 2. The statement-shape backstop, for loops the ORM cannot attribute (`session.get()` per item,
-   a repository call per item, Core or `text()`): one shape from one call site with at least
-   `n_plus_one_threshold` distinct parameter sets. Not N+1, and exempt: transaction control,
-   catalog and reflection queries, pagination walks (OFFSET, or LIMIT with a range condition),
-   and chunked IN batches (a shape with an `IN (...)` list is already the batched form - this
-   is how `selectinload` batches 500 ids). INSERT/UPDATE/DELETE loops are bulk-write findings.
-3. Duplicates: one shape executed with identical parameters `duplicate_threshold` times or more.
-   Shapes already reported as N+1 or bulk writes are not reported again as duplicates.
+   a repository call per item, Core or `text()`, `immediateload`, dynamic and write-only
+   relationships - named when the statement is a relationship's own load): one shape from one
+   call site with at least `n_plus_one_threshold` distinct statements (string and parameters).
+   Not N+1, and exempt: transaction control, catalog and reflection queries, and walks through
+   one result - pages whose row-selecting values stay the same (LIMIT / OFFSET / keyset), and
+   IN lists cut into chunks of one size (`selectinload`, hand-written chunking). A LIMIT query
+   whose filter changes per item, or IN lists of varying length, is a loop. INSERT / UPDATE /
+   DELETE loops are bulk-write findings; the pages of one execution are one statement.
+3. Duplicates: a read repeated with identical parameters in the same transaction, with nothing
+   written to its tables in between and no pause (see `Shape.read`), `duplicate_threshold`
+   times or more. Shapes already reported as N+1 or bulk writes are not reported again.
 4. The allowlist removes findings (by relationship, model, fingerprint, call-site glob or id);
    entries that matched nothing can be reported as stale.
 """
@@ -26,12 +30,14 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from querywatch.collection import Collector, LazyGroup, Shape
+from querywatch._callsite import source_line
+from querywatch._statements import is_control, tables_read
+from querywatch.collection import Collector, Duplicate, LazyGroup, Shape, Site
 from querywatch.findings import (
+    MAX_PARAMETER_EXAMPLES,
     BulkWriteFinding,
     DuplicateQueryFinding,
     Finding,
-    LazyLoadAfterCloseFinding,
     NPlusOneFinding,
     StaleAllowlistFinding,
     finding_id,
@@ -41,21 +47,12 @@ from querywatch.settings import Settings
 
 __all__ = ["detect"]
 
-# Statements that are never a loop worth reporting (transaction control, session settings).
-_CONTROL = re.compile(
-    r"\s*(?:begin|start\s+transaction|savepoint|release|rollback|commit|end|set|reset|show|"
-    r"pragma|discard|deallocate|listen|unlisten|notify|checkpoint|vacuum|analyze)\b"
-)
 # Catalog and reflection queries (has_table, get_columns, server version probes ...).
 _CATALOG = re.compile(
     r"\b(?:pg_catalog|information_schema|sqlite_master|sqlite_schema|sqlite_temp_master|"
     r"pg_namespace|pg_class|pg_attribute|pg_type|current_schema|version\s*\(|"
     r"mysql\.|performance_schema)"
 )
-_PAGINATION = re.compile(r"\boffset\s+\?|\bfetch\s+(?:first|next)\b")
-_LIMIT = re.compile(r"\blimit\s+\?")
-_RANGE = re.compile(r"(?:>|<|>=|<=)\s*\?")
-_IN_BATCH = re.compile(r"\bin\s*\(\s*\?\s*\)|=\s*any\s*\(\s*\?")
 _FROM = re.compile(r'\bfrom\s+("?[\w.]+"?)')
 _WHERE_EQ = re.compile(r'\bwhere\s+(?:"?(\w+)"?\.)?"?(\w+)"?\s*=\s*\?')
 _TABLE_OF_WRITE = re.compile(r'^\s*(?:insert\s+into|update|delete\s+from)\s+("?[\w.]+"?)')
@@ -67,7 +64,6 @@ def detect(collector: Collector) -> list[Finding]:
     threshold = settings.n_plus_one_threshold
     findings: list[Finding] = []
     claimed: set[str] = set()  # shapes owned by ORM lazy loads
-    lazy_shapes: set[str] = set()  # shapes of reported lazy-load N+1: not duplicates too
     loop_sites: set[tuple[str, str | None]] = set()  # (shape, site) reported as a loop
 
     shapes = collector.shapes
@@ -81,7 +77,9 @@ def detect(collector: Collector) -> list[Finding]:
             examples = _examples(site.examples if site is not None else None)
             findings.append(_lazy_finding(group, callsite, examples))
             if group.fingerprint:
-                lazy_shapes.add(group.fingerprint)
+                # The loads' repeats are this N+1, not duplicates; the same statement run
+                # elsewhere (a user lookup that SQLAlchemy renders like a lazy load) still is.
+                loop_sites.add((group.fingerprint, callsite))
 
     for fp, shape in shapes.items():
         if shape.count < 2 or fp in claimed or _exempt(fp, shape):
@@ -103,16 +101,20 @@ def detect(collector: Collector) -> list[Finding]:
                         parameters=_examples(site.examples),
                     )
                 )
-            elif not _is_batch_or_page(fp):
+            elif not _walks_one_result(shape, site, threshold):
+                relationship = _relationship_for(fp)
                 findings.append(
                     NPlusOneFinding(
-                        id=finding_id("n_plus_one", fp, callsite),
+                        id=finding_id(
+                            "n_plus_one", relationship[0] if relationship else fp, callsite
+                        ),
                         callsite=callsite,
                         fingerprint=fp,
                         operation=shape.operation,
                         count=site.count,
                         seconds=site.seconds,
-                        suggestion=_loop_suggestion(fp),
+                        suggestion=relationship[1] if relationship else _loop_suggestion(fp),
+                        relationship=relationship[0] if relationship else None,
                         distinct=distinct,
                         parameters=_examples(site.examples),
                     )
@@ -123,25 +125,34 @@ def detect(collector: Collector) -> list[Finding]:
 
     duplicate_threshold = settings.duplicate_threshold
     for fp, shape in shapes.items():
-        if shape.count < 2 or fp in lazy_shapes or _exempt(fp, shape):
+        if not shape.duplicates or _exempt(fp, shape):
             continue
         findings.extend(_duplicates(shape, duplicate_threshold, loop_sites))
 
-    findings.extend(_merge_after_close(collector.after_close))
+    findings.extend(collector.after_close)
     findings.extend(collector.pool.leaked)
     return _apply_allowlist(findings, settings)
 
 
 def _exempt(fp: str, shape: Shape) -> bool:
     """Statements that are never N+1 or duplicates: transaction control, catalog queries."""
-    return bool((shape.operation == "OTHER" and _CONTROL.match(fp)) or _CATALOG.search(fp))
+    return bool((shape.operation == "OTHER" and is_control(fp)) or _CATALOG.search(fp))
 
 
-def _is_batch_or_page(fp: str) -> bool:
-    """Pagination walks and chunked IN batches repeat a shape on purpose."""
-    if _IN_BATCH.search(fp) or _PAGINATION.search(fp):
-        return True
-    return bool(_LIMIT.search(fp) and _RANGE.search(fp))
+def _walks_one_result(shape: Shape, site: Site, threshold: int) -> bool:
+    """Whether a repeated read from one call site walks through one result on purpose rather
+    than running once per item of a loop: pages (LIMIT / OFFSET / keyset) whose row-selecting
+    values stay the same, or an IN list cut into chunks of one size (the last one shorter), as
+    `selectinload` and hand-written chunking do. A filter value that changes per execution, or
+    IN lists of varying length (one list per item), is a loop."""
+    if site.filter_keys is not None:
+        return len(site.filter_keys) < threshold
+    lengths = site.in_lengths
+    if lengths:
+        size = max(lengths)
+        others = sum(count for length, count in lengths.items() if length != size)
+        return size > 1 and others <= 1
+    return False
 
 
 def _examples(kept: dict[Any, str] | None) -> tuple[str, ...]:
@@ -176,54 +187,115 @@ def _lazy_finding(
 def _duplicates(
     shape: Shape, threshold: int, loop_sites: set[tuple[str, str | None]]
 ) -> Iterable[DuplicateQueryFinding]:
-    """One finding per call site where identical parameter sets were repeated (except where
-    the same statements are already reported as an N+1 or bulk-write loop)."""
-    per_site: dict[str | None, tuple[int, int]] = {}  # site -> (most repeats, redundant runs)
-    for key, count in shape.parameter_counts.items():
-        if count < threshold:
+    """One finding per call site where a read was repeated redundantly (except where the same
+    statements are already reported as an N+1 or bulk-write loop). A finding names every call
+    site involved, first execution first, and the callers of a shared helper."""
+    per_site: dict[str | None, list[Duplicate]] = {}
+    for duplicate in shape.duplicates.values():
+        if duplicate.most < threshold:
             continue
-        site = shape.duplicate_sites.get(key)
+        wheres = duplicate.wheres
+        site = wheres[1][0] if len(wheres) > 1 else wheres[0][0]  # where it was repeated
         if (shape.fingerprint, site) in loop_sites:
             continue
-        most, redundant = per_site.get(site, (0, 0))
-        per_site[site] = (max(most, count), redundant + count - 1)
+        per_site.setdefault(site, []).append(duplicate)
     average = shape.seconds / shape.count if shape.count else 0.0
-    examples = shape.duplicate_examples or {}
-    for site, (most, redundant) in per_site.items():
+    for site, duplicates in per_site.items():
+        wheres = []
+        for duplicate in duplicates:
+            wheres.extend(w for w in duplicate.wheres if w not in wheres)
+        callsites = tuple(dict.fromkeys(w[0] for w in wheres if w[0] is not None))
+        callers = tuple(dict.fromkeys(w[1] for w in wheres if w[1] is not None))
+        examples = tuple(d.examples for d in duplicates if d.examples is not None)
         yield DuplicateQueryFinding(
             id=finding_id("duplicate_query", shape.fingerprint, site),
             callsite=site,
             fingerprint=shape.fingerprint,
             operation=shape.operation,
-            count=most,
-            seconds=average * redundant,
-            suggestion=(
-                "run it once and reuse the result (pass the loaded rows or objects along, or "
-                "cache them for the unit of work); for one ORM object by primary key, "
-                "session.get() answers repeats from the identity map"
-            ),
-            parameters=_examples(examples.get(site)),
+            count=max(d.most for d in duplicates),
+            seconds=average * sum(d.redundant for d in duplicates),
+            suggestion=_duplicate_suggestion(callsites),
+            parameters=examples[:MAX_PARAMETER_EXAMPLES],
+            callsites=callsites,
+            callers=callers if len(callsites) == 1 and len(callers) > 1 else (),
         )
 
 
-def _merge_after_close(
-    recorded: list[LazyLoadAfterCloseFinding],
-) -> list[LazyLoadAfterCloseFinding]:
-    merged: dict[str, LazyLoadAfterCloseFinding] = {}
-    counts: dict[str, int] = {}
-    for finding in recorded:
-        if finding.id not in merged:
-            merged[finding.id] = finding
-        counts[finding.id] = counts.get(finding.id, 0) + finding.count
-    return [
-        f if counts[f.id] == f.count else _replace(f, count=counts[f.id]) for f in merged.values()
-    ]
+def _duplicate_suggestion(callsites: tuple[str, ...]) -> str:
+    """The fix for a repeated read, fitted to what the lines involved do."""
+    lines = [source_line(site) for site in callsites]
+    if any(".refresh(" in line for line in lines):
+        return (
+            "session.refresh() always runs a SELECT: nothing was written since the object was "
+            "loaded in this transaction, so drop the refresh (after a commit or a flush it is "
+            "legitimate, and not reported)"
+        )
+    if any(".get(" in line for line in lines):
+        return (
+            "session.get() answers from the identity map while the object stays in the same "
+            "session: the repeat means another session (or an expunge or expire) in between - "
+            "pass the loaded object along instead of loading it again"
+        )
+    return (
+        "run it once and reuse the result: pass the loaded rows or objects along (a shared "
+        "helper can take them as an argument), or cache them for the unit of work"
+    )
 
 
-def _replace(finding: Any, **changes: Any) -> Any:
-    import dataclasses
+def _relationship_for(fp: str) -> tuple[str, str] | None:
+    """(`Author.books`, the fix) when a looped SELECT is a relationship's own load statement:
+    `immediateload`, a dynamic or write-only relationship, or a lazy load run by hand. Only
+    one-to-many and many-to-many: a many-to-one's load is a primary-key get, which a loop of
+    `session.get()` runs too."""
+    tables = tables_read(fp)
+    if not tables:
+        return None
+    try:
+        from sqlalchemy.orm import mapperlib
+        from sqlalchemy.orm.interfaces import MANYTOONE
 
-    return dataclasses.replace(finding, **changes)
+        for registry in list(getattr(mapperlib, "_mapper_registries", ())):
+            for mapper in list(registry.mappers):
+                for prop in mapper.relationships:
+                    if prop.direction is MANYTOONE:
+                        continue
+                    remote = [r for _, r in prop.local_remote_pairs]
+                    if not any(_compares(fp, column) for column in remote):
+                        continue
+                    target = getattr(prop.mapper.local_table, "name", None)
+                    if target not in tables:
+                        continue
+                    owner = mapper.class_.__name__
+                    name = f"{owner}.{prop.key}"
+                    child = prop.mapper.class_.__name__
+                    if prop.lazy in ("dynamic", "write_only"):
+                        fix = (
+                            f"{name} is a {prop.lazy} relationship, which cannot be eager-loaded: "
+                            f"load the {child} objects of all the {owner} objects in one query "
+                            f"(select({child}).where(... .in_(ids))), or make it a regular "
+                            f"relationship and add .options(selectinload({name}))"
+                        )
+                    else:
+                        fix = (
+                            f"eager-load it: add .options(selectinload({name})) to the query "
+                            f"that loads the {owner} objects"
+                        )
+                    return name, fix
+    except Exception:  # a half-configured mapper: no name, the generic fix
+        return None
+    return None
+
+
+def _compares(fp: str, column: Any) -> bool:
+    """Whether the fingerprint compares `column` (table.column) with a placeholder."""
+    table = getattr(getattr(column, "table", None), "name", None)
+    name = getattr(column, "name", None)
+    if not table or not name:
+        return False
+    for qualified in (f"{table}.{name}", f'"{table}"."{name}"', f"`{table}`.`{name}`"):
+        if f"? = {qualified}" in fp or f"{qualified} = ?" in fp:
+            return True
+    return False
 
 
 # -- suggestions --------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from querywatch._callsite import stable_site
+
 #: Example parameter sets a finding carries when `Settings.log_parameters` is on.
 MAX_PARAMETER_EXAMPLES = 3
 #: Longest example parameter set, in characters.
@@ -23,8 +25,10 @@ MAX_PARAMETER_LENGTH = 200
 
 
 def finding_id(kind: str, subject: str, callsite: str | None) -> str:
-    """A stable 12-hex-digit id for a finding: the same problem at the same place, same id."""
-    raw = f"{kind}\x00{subject}\x00{callsite or ''}".encode("utf-8", "replace")
+    """A stable 12-hex-digit id for a finding: the same problem in the same function, same
+    id. Line numbers are left out, so that an edit elsewhere in the file keeps the id (and the
+    baselines and allowlists that use it)."""
+    raw = f"{kind}\x00{subject}\x00{stable_site(callsite)}".encode("utf-8", "replace")
     return hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:12]
 
 
@@ -165,7 +169,8 @@ class BulkWriteFinding(Finding):
 
 @dataclass(frozen=True)
 class DuplicateQueryFinding(Finding):
-    """The same statement with identical parameters executed more than once."""
+    """A read repeated with identical parameters in the same transaction, with nothing
+    written in between: the unit could have answered it from what it already had."""
 
     kind: ClassVar[str] = "duplicate_query"
     event: ClassVar[str] = "querywatch.duplicate_query"
@@ -177,12 +182,19 @@ class DuplicateQueryFinding(Finding):
     suggestion: str
     #: Examples of the repeated bound parameters (only with `Settings.log_parameters`).
     parameters: tuple[str, ...] = ()
+    #: Every call site that ran the statement, the first execution's first.
+    callsites: tuple[str, ...] = ()
+    #: When every execution ran at one line (a shared helper): the lines that called it.
+    callers: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        sites = ", then ".join(self.callsites) or self.callsite or "unknown call site"
+        if self.callers:
+            sites += f" (called from {', then '.join(self.callers)})"
         return (
             f"duplicate query: the same statement with the same parameters ran {self.count} "
-            f"times at {self.callsite or 'unknown call site'}: {self.fingerprint[:120]}; "
-            f"fix: {self.suggestion}"
+            f"times in one transaction with nothing written in between, at {sites}: "
+            f"{self.fingerprint[:120]}; fix: {self.suggestion}"
         )
 
 
@@ -211,7 +223,12 @@ class LazyLoadAfterCloseFinding(Finding):
 
 @dataclass(frozen=True)
 class ConnectionLeakFinding(Finding):
-    """A connection checked out during a unit of work and still checked out when it ended."""
+    """A connection still checked out when its unit of work ended, held by a Session or
+    Connection opened during that unit (one opened before it began is not its leak).
+
+    `callsite` is the line that checked the connection out; `opened_at` is where its owner was
+    opened - for a Connection (`engine.connect()`) the same line, for a Session the line that
+    created it, which is where the fix goes."""
 
     kind: ClassVar[str] = "connection_leak"
     event: ClassVar[str] = "querywatch.connection_leak"
@@ -221,16 +238,32 @@ class ConnectionLeakFinding(Finding):
     suggestion: str
     #: The unit of work the connection leaked from (`GET /items/{id}`, a `watch()` name).
     unit: str | None = None
-    #: Connections leaked from this call site in the unit of work.
+    #: Connections leaked from this owner's call site in the unit of work.
     connections: int = 1
+    #: What holds the connection: `Session`, `AsyncSession` (or a Session subclass's name), or
+    #: `Connection` (`engine.connect()`, `engine.raw_connection()`).
+    owner: str = "Connection"
+    #: Where the owner was opened (the Session created, the Connection checked out).
+    opened_at: str | None = None
 
     def describe(self) -> str:
-        what = "a connection" if self.connections == 1 else f"{self.connections} connections"
+        several = self.connections != 1
+        what = f"{self.connections} connections" if several else "a connection"
+        was = "were" if several else "was"
+        opened = self.opened_at or self.callsite or "unknown call site"
         unit = f" {self.unit!r}" if self.unit else ""
+        if self.owner == "Connection":
+            held = f"the Connection{'s' if several else ''} opened at {opened}"
+        else:
+            article = "an" if self.owner[:1] in "AEIOU" else "a"
+            owners = f"{self.owner}s" if several else f"{article} {self.owner}"
+            them = "them" if several else "it"
+            checked_out = self.callsite or "unknown call site"
+            held = f"{owners} opened at {opened} (which checked {them} out at {checked_out})"
         return (
-            f"connection leak: {what} of pool {self.pool!r} checked out at "
-            f"{self.callsite or 'unknown call site'} still out when the unit of work{unit} "
-            f"ended ({self.held_seconds:.2f} s); fix: {self.suggestion}"
+            f"connection leak: {what} of pool {self.pool!r} {was} still checked out when the "
+            f"unit of work{unit} ended ({self.held_seconds:.2f} s), held by {held}; "
+            f"fix: {self.suggestion}"
         )
 
 

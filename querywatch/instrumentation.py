@@ -11,6 +11,7 @@ engine only through that handle's weak reference, so querywatch never keeps an e
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable
 from time import perf_counter
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from querywatch import _callsite, _guard
 from querywatch._guard import internal_error
@@ -150,125 +152,163 @@ def instrumented_engines() -> list[Instrumentation]:
     return [handle for handle in list(_handles.values()) if not handle.removed]
 
 
-def _other_parameter_key(parameters: Any) -> int | None:
-    """The parameter hash for what is neither a tuple nor a dict (`record_statement` hashes
-    those inline: they are nearly every statement)."""
-    if type(parameters) is list:  # executemany: not a duplicate candidate
+#: Transaction serials: a connection's serial changes at every commit and rollback, and two
+#: statements ran in the same transaction when they ran on connections with the same serial.
+_serials = itertools.count(1)
+_INSERTMANYVALUES = ExecuteStyle.INSERTMANYVALUES
+
+
+def _transaction_of(context: Any) -> int | None:
+    """The serial of the transaction `context` runs in, given to its connection now (the first
+    statement on a connection since it was opened, committed or rolled back)."""
+    record = getattr(getattr(context, "_dbapi_connection", None), "_connection_record", None)
+    if record is None:
         return None
-    return hash(parameters)
+    serial: int = next(_serials)
+    record._querywatch_txn = serial
+    return serial
+
+
+def _end_transaction(dbapi_connection: Any) -> None:
+    """A commit or rollback on `dbapi_connection` (the pool's proxy): its next statement runs in
+    a new transaction."""
+    record = getattr(dbapi_connection, "_connection_record", None)
+    if record is not None:
+        record._querywatch_txn = next(_serials)
 
 
 def record_statement(
-    collector: Collector, statement: str, seconds: float, parameters: Any, pool: str
+    collector: Collector,
+    statement: str,
+    parameters: Any,
+    t0: float,
+    seconds: float,
+    source: tuple[str, Any],
+    context: Any,
 ) -> None:
-    """Record one executed statement into `collector` (the hot path: counts now, the rest in
-    batches, see `Collector.fold`). Parameters are kept only as a hash, never as values,
-    unless a unit opted in with `Settings.log_parameters`."""
+    """Record one executed statement into `collector` (the hot path: count, and one append;
+    shapes, parameter hashes and call-site bookkeeping happen in batches, see
+    `Collector.fold`). The parameters stay referenced until the fold, which keeps only their
+    hash (values only when a unit opted in with `Settings.log_parameters`)."""
     if _guard.injected_faults:
         _guard.maybe_fail("engine")
+    if getattr(context, "execute_style", None) is _INSERTMANYVALUES:
+        # insertmanyvalues sends one `execute()` of many rows as several statements, pages of
+        # one execution context: one logical statement, whatever the number of pages. The
+        # context is held weakly (a strong reference would keep its cursor open).
+        last = collector.last_context
+        if last is not None and last() is context:
+            collector.add_page(seconds)
+            return
+        collector.last_context = weakref.ref(context)
     collector.statements += 1
     collector.db_seconds += seconds
-    kind = type(parameters)
     try:
-        if kind is tuple:
-            key: int | None = hash(parameters)
-        elif kind is dict:
-            key = hash(tuple(parameters.items()))
-        else:
-            key = _other_parameter_key(parameters)
-    except TypeError:  # unhashable values (arrays, JSON): hash their text instead
-        key = hash(repr(parameters))
-    # After the first walk per statement string, `capture_for` checks one frame.
+        txn = context._dbapi_connection._connection_record._querywatch_txn
+    except AttributeError:  # the connection's first statement in this process, or no context
+        txn = _transaction_of(context)
     pending = collector.pending
-    pending.append((statement, seconds, key, pool, _callsite.capture_for(statement, 1)))
-    if collector.pending_parameters is not None:  # Settings.log_parameters: until the fold
-        collector.pending_parameters.append(parameters)
+    pending.append(
+        (statement, parameters, t0, seconds, source, _callsite.where_for(statement, 1), txn)
+    )
     if len(pending) >= FOLD_EVERY:
         collector.fold()
 
 
 def _attach_statement_listeners(handle: Instrumentation, engine: Engine) -> None:
-    """Time statements at the dialect's execute methods (the documented `Dialect` interface).
+    """Time statements at the dialect's execute methods (the documented `Dialect` interface),
+    and mark transaction ends at its commit and rollback methods.
 
     SQLAlchemy's cursor events would do, but any engine listener switches every execution to
     its event-dispatching path, which costs several microseconds per statement even when the
-    listener returns at once. Wrapping the three execute methods of this engine's dialect
-    instance costs one call when no unit of work is running.
+    listener returns at once. Wrapping the methods of this engine's dialect instance costs one
+    call when no unit of work is running.
     """
     dialect = engine.dialect
-    pool = handle.name
-    originals = {
-        name: dialect.__dict__.get(name)
-        for name in ("do_execute", "do_executemany", "do_execute_no_params")
-    }
-    do_execute = dialect.do_execute
-    do_executemany = dialect.do_executemany
-    do_execute_no_params = dialect.do_execute_no_params
+    source = (handle.name, dialect)
+    names = ("do_execute", "do_executemany", "do_execute_no_params", "do_commit", "do_rollback")
+    originals = {name: dialect.__dict__.get(name) for name in names}
 
-    def finish(
-        collector: Collector, statement: str, parameters: Any, t0: float, failed: bool
+    def record(
+        collector: Collector,
+        statement: str,
+        parameters: Any,
+        t0: float,
+        context: Any,
+        failed: bool = False,
     ) -> None:
-        try:
-            if collector.active and not handle.removed:
-                record_statement(collector, statement, perf_counter() - t0, parameters, pool)
+        if collector.active and not handle.removed:
+            try:
+                record_statement(
+                    collector, statement, parameters, t0, perf_counter() - t0, source, context
+                )
                 if failed:
                     collector.failed_statements += 1
-        except Exception as exc:
-            internal_error("engine", exc)
-
-    def querywatch_do_execute(
-        cursor: Any, statement: str, parameters: Any, context: Any = None
-    ) -> None:
-        collector = _current.get()
-        if collector is None:
-            return do_execute(cursor, statement, parameters, context)
-        t0 = perf_counter()
-        try:
-            do_execute(cursor, statement, parameters, context)
-        except BaseException:
-            finish(collector, statement, parameters, t0, True)
-            raise
-        if collector.active and not handle.removed:
-            try:
-                record_statement(collector, statement, perf_counter() - t0, parameters, pool)
             except Exception as exc:
                 internal_error("engine", exc)
 
-    def querywatch_do_executemany(
-        cursor: Any, statement: str, parameters: Any, context: Any = None
-    ) -> None:
-        collector = _current.get()
-        if collector is None:
-            return do_executemany(cursor, statement, parameters, context)
-        t0 = perf_counter()
-        try:
-            do_executemany(cursor, statement, parameters, context)
-        except BaseException:
-            finish(collector, statement, parameters, t0, True)
-            raise
-        if collector.active and not handle.removed:
+    def timed(execute: Callable[..., Any]) -> Callable[..., Any]:
+        """A recording wrapper of `do_execute` or `do_executemany` (the same signature)."""
+
+        def querywatch_execute(
+            cursor: Any, statement: str, parameters: Any, context: Any = None
+        ) -> Any:
+            collector = _current.get()
+            if collector is None:
+                return execute(cursor, statement, parameters, context)
+            t0 = perf_counter()
             try:
-                record_statement(collector, statement, perf_counter() - t0, parameters, pool)
-            except Exception as exc:
-                internal_error("engine", exc)
+                execute(cursor, statement, parameters, context)
+            except BaseException:
+                record(collector, statement, parameters, t0, context, True)
+                raise
+            # The success path is `record()` inlined: one call less per statement.
+            if collector.active and not handle.removed:
+                try:
+                    record_statement(
+                        collector, statement, parameters, t0, perf_counter() - t0, source, context
+                    )
+                except Exception as exc:
+                    internal_error("engine", exc)
+            return None
 
-    def querywatch_do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
+        return querywatch_execute
+
+    execute_no_params = dialect.do_execute_no_params
+
+    def querywatch_do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> Any:
         collector = _current.get()
         if collector is None:
-            return do_execute_no_params(cursor, statement, context)
+            return execute_no_params(cursor, statement, context)
         t0 = perf_counter()
         try:
-            do_execute_no_params(cursor, statement, context)
+            execute_no_params(cursor, statement, context)
         except BaseException:
-            finish(collector, statement, (), t0, True)
+            record(collector, statement, (), t0, context, True)
             raise
-        finish(collector, statement, (), t0, False)
+        record(collector, statement, (), t0, context)
+        return None
 
-    wrappers = {
-        "do_execute": querywatch_do_execute,
-        "do_executemany": querywatch_do_executemany,
+    def ends_transaction(end: Callable[[Any], None], name: str) -> Callable[[Any], None]:
+        def querywatch_end(dbapi_connection: Any) -> None:
+            try:
+                end(dbapi_connection)
+            finally:
+                try:
+                    _end_transaction(dbapi_connection)
+                except Exception as exc:
+                    internal_error("engine", exc)
+
+        querywatch_end.__name__ = f"querywatch_{name}"
+        return querywatch_end
+
+    wrappers: dict[str, Callable[..., Any]] = {
+        "do_execute": timed(dialect.do_execute),
+        "do_executemany": timed(dialect.do_executemany),
         "do_execute_no_params": querywatch_do_execute_no_params,
     }
+    for name in ("do_commit", "do_rollback"):
+        wrappers[name] = ends_transaction(getattr(dialect, name), name)
     for name, wrapper in wrappers.items():
         setattr(dialect, name, wrapper)
 

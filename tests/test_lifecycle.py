@@ -41,7 +41,13 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 #: The methods querywatch sets on an engine's dialect instance and pool instance.
-DIALECT_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")
+DIALECT_METHODS = (
+    "do_execute",
+    "do_executemany",
+    "do_execute_no_params",
+    "do_commit",
+    "do_rollback",
+)
 POOL_METHODS = ("connect", "_return_conn", "recreate")
 #: Pool event listeners querywatch registers per engine (connect, close, close_detached,
 #: invalidate, soft_invalidate, detach).
