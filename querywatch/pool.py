@@ -19,8 +19,24 @@ see the same moments exactly.
 
 Per unit of work (`report.pool`, `querywatch.collection.PoolUsage`): checkouts, wait seconds,
 timeouts, the most connections held at once, and at the end the connections still checked out:
-one `ConnectionLeakFinding` per pool and call site, computed by `finish_unit()` just before the
-detectors run.
+one `ConnectionLeakFinding` per pool and owner's call site, computed by `finish_unit()` just
+before the detectors run.
+
+Who holds a connection (leaks)
+------------------------------
+A connection still checked out when a unit ends is that unit's leak only if what holds it was
+opened during the unit. A plain `Connection` checks its connection out in its constructor, so it
+was opened at the checkout. A `Session` checks one out at the start of each of its transactions,
+possibly long after it was opened: a Session opened by a session-scoped test fixture, or an
+app-wide one, and used by a request is not that request's to close. So `Session.__init__` is
+wrapped (once per process, like `querywatch._orm`'s hook) to stamp each Session opened while a
+unit records with `_querywatch_opened = (perf_counter(), call site)`, and a class-level
+`after_begin` listener (once per Session transaction, never per statement; registered when this
+module is imported, inert while no unit records) finds the connection the transaction checked
+out: kept as the leak of the units the Session was opened in, with the line that opened it, and
+dropped from the units that began before it was opened. A Session bound to a Connection it was
+given (`Session(bind=conn)`) leaves the connection to that Connection. AsyncSession runs a sync
+Session inside, so it is covered the same way.
 
 Process-wide statistics (the API the Prometheus reporter reads)
 ---------------------------------------------------------------
@@ -54,12 +70,16 @@ cycle. Read several figures that must agree through `PoolStats.snapshot()`.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+import threading
 import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable
 from time import perf_counter
+from types import CodeType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import event
@@ -87,6 +107,7 @@ __all__ = [
     "add_observer",
     "attach",
     "finish_unit",
+    "session_hooks_installed",
     "stats_for",
     "stats_for_all",
 ]
@@ -104,9 +125,16 @@ CREATE_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
+#: The fix of a leaked Connection (`engine.connect()`, `engine.raw_connection()`).
 LEAK_SUGGESTION = (
-    "close the Session or Connection when the unit of work ends: `with Session(engine) as "
-    "session:` (`async with` for AsyncSession), or a dependency that closes it in `finally`"
+    "close the Connection before the unit of work ends: `with engine.connect() as conn:` "
+    "(`async with` for an AsyncEngine), or `conn.close()` in a `finally`"
+)
+#: The fix of a connection held by a Session opened during the unit of work.
+SESSION_LEAK_SUGGESTION = (
+    "close the Session before the unit of work ends (`with Session(engine) as session:`, "
+    "`async with` for AsyncSession, or a dependency that closes it in `finally`); a Session "
+    "shared by several units of work must be opened before they begin"
 )
 
 _CREATED_ATTR = "_querywatch_created"
@@ -329,6 +357,7 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
                     event.remove(live_engine, identifier, fn)
 
     handle.on_remove(detach)
+    _install_session_hooks(handle)
 
 
 def _wrap_pool(
@@ -390,7 +419,9 @@ def _wrap_pool(
                 if collector is not None and collector.active:
                     units = collector.chain
                     callsite = _callsite.capture_for(site_key, 1)
-                    entry = (name, now, callsite)
+                    # Owner None: the Connection checking it out now, opened here (a Session's
+                    # `after_begin` names itself right after, see `_session_began`).
+                    entry = (name, now, callsite, None)
                     key = id(record)
                     for c in units:
                         usage = c.pool
@@ -544,26 +575,217 @@ def _listeners(stats: PoolStats) -> dict[str, Callable[..., None]]:
     }
 
 
+# -- who holds a connection: Sessions -----------------------------------------------------------
+
+#: Set on each Session opened while a unit of work records: (perf_counter() when it was opened,
+#: the call site that opened it). A Session without it was opened outside every unit of work.
+_OPENED_ATTR = "_querywatch_opened"
+#: The call-site memo key of Session openings (one per process: a session-per-request app opens
+#: them at one line, which the memo then finds without a walk).
+_SESSION_SITE_KEY = "\x00querywatch.session"
+
+_session_lock = threading.Lock()
+#: (original `Session.__init__`, our wrapper) while the Session hooks are installed.
+_session_hooks: tuple[Callable[..., None], Callable[..., None]] | None = None
+
+
+def _install_session_hooks(handle: Instrumentation) -> None:
+    """Wrap `Session.__init__`, once per process; undone when the last instrumented engine is
+    uninstrumented (like `querywatch._orm`'s hook)."""
+    _add_session_hooks()
+    handle.on_remove(_release_session_hooks)
+
+
+def _add_session_hooks() -> None:
+    global _session_hooks
+    from sqlalchemy.orm import Session
+
+    with _session_lock:
+        if _session_hooks is None:
+            original = Session.__dict__["__init__"]
+            if getattr(original, "_querywatch_hook", False):
+                # Installed by an earlier copy of this module (deleted from `sys.modules` and
+                # imported again): replace it, or every Session would be stamped twice.
+                original = original.__wrapped__
+            wrapper = _stamping_init(original)
+            Session.__init__ = wrapper  # type: ignore[method-assign]
+            _session_hooks = (original, wrapper)
+
+
+def _release_session_hooks() -> None:
+    """Undo `_install_session_hooks` when no instrumented engine is left."""
+    if not stats_for_all():
+        _remove_session_hooks()
+
+
+def _remove_session_hooks() -> None:
+    global _session_hooks
+    from sqlalchemy.orm import Session
+
+    with _session_lock:
+        if _session_hooks is None:
+            return
+        original, wrapper = _session_hooks
+        _session_hooks = None
+        # Wrapped again on top of ours by someone else: leave theirs (ours is then inert).
+        if Session.__dict__.get("__init__") is wrapper:
+            Session.__init__ = original  # type: ignore[method-assign]
+
+
+def session_hooks_installed() -> bool:
+    """True while `Session.__init__` is wrapped (Sessions opened in a unit are stamped)."""
+    return _session_hooks is not None
+
+
+def _stamping_init(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        collector = _current.get()
+        if collector is None or not collector.active:
+            return
+        hooks = _session_hooks
+        if hooks is None or hooks[1] is not __init__:
+            return  # uninstalled, and left in place under someone else's wrapper
+        # Guarded, but no fault switch: the safety matrix counts the pool's checkouts and
+        # checkins exactly, and these run per Session, not per checkout.
+        try:
+            # The line that created the Session, not the `super().__init__()` of a subclass.
+            codes = _constructors.get(type(self)) or _constructor_codes(type(self))
+            skip = 1
+            frame = sys._getframe(1)
+            while frame.f_code in codes and frame.f_back is not None:
+                frame = frame.f_back
+                skip += 1
+            site = _callsite.capture_for(_SESSION_SITE_KEY, skip)
+            setattr(self, _OPENED_ATTR, (perf_counter(), site))
+        except Exception as exc:
+            internal_error("pool", exc)
+
+    __init__._querywatch_hook = True  # type: ignore[attr-defined]
+    return __init__
+
+
+#: Session class -> the code of the `__init__` methods it and its bases define.
+_constructors: dict[type, frozenset[CodeType]] = {}
+_MAX_CONSTRUCTORS = 1024
+
+
+def _constructor_codes(cls: type) -> frozenset[CodeType]:
+    codes = frozenset(
+        code
+        for klass in cls.__mro__
+        if (code := getattr(klass.__dict__.get("__init__"), "__code__", None)) is not None
+    )
+    if len(_constructors) < _MAX_CONSTRUCTORS:
+        _constructors[cls] = codes
+    return codes
+
+
+def _session_began(session: Any, transaction: Any, connection: Any) -> None:
+    """`after_begin`: the transaction has its connection. If this Session checked it out, the
+    units it was opened in keep it as theirs, with the Session's opening line; the units that
+    began before the Session was opened drop it (not theirs to close)."""
+    collector = _current.get()
+    if collector is None or not collector.active:
+        return
+    try:  # guarded, no fault switch (see `_stamping_init`)
+        joined = getattr(transaction, "_connections", {}).get(connection)
+        if joined is not None and len(joined) > 3 and not joined[3]:
+            return  # `Session(bind=conn)`: the Connection it was given holds it
+        record = getattr(connection._dbapi_connection, "_connection_record", None)
+        if record is None:
+            return
+        key = id(record)
+        opened = session.__dict__.get(_OPENED_ATTR)
+        owner: tuple[str, str | None] | None = None
+        for c in collector.chain:
+            held = c.pool.held
+            checked_out = held.get(key)
+            # Already owned: a savepoint of the same Session, or another Session given the same
+            # connection by a single-connection pool (StaticPool): the first owner stays.
+            if checked_out is None or checked_out[3] is not None:
+                continue
+            if opened is None or opened[0] < c.started:
+                del held[key]
+                continue
+            if owner is None:
+                owner = (_session_kind(session), opened[1])
+            held[key] = (checked_out[0], checked_out[1], checked_out[2], owner)
+    except Exception as exc:
+        internal_error("pool", exc)
+
+
+#: The Session class attribute naming the `after_begin` listener of this process.
+_LISTENER_ATTR = "_querywatch_after_begin"
+
+
+def _listen_to_sessions() -> None:
+    """Listen to `after_begin` on the Session class: SQLAlchemy applies a class listener to
+    every subclass (sessionmaker's, SQLModel's) and to the Session inside each AsyncSession.
+
+    Registered once, when this module is imported, and left in place: without a unit of work
+    recording it returns at once, and registering it with the first instrumented engine and
+    removing it with the last would change SQLAlchemy's event registry back and forth (the
+    lifecycle tests count it). The listener of an earlier copy of this module is replaced."""
+    from sqlalchemy.orm import Session
+
+    stale = Session.__dict__.get(_LISTENER_ATTR)
+    if (
+        stale is not None
+        and stale is not _session_began
+        and event.contains(Session, "after_begin", stale)
+    ):
+        event.remove(Session, "after_begin", stale)
+    if not event.contains(Session, "after_begin", _session_began):
+        event.listen(Session, "after_begin", _session_began)
+    setattr(Session, _LISTENER_ATTR, _session_began)
+
+
+with guard("pool"):
+    _listen_to_sessions()
+
+
+def _session_kind(session: Any) -> str:
+    """`AsyncSession` for the Session inside one, else the Session's class name."""
+    asyncio_session = sys.modules.get("sqlalchemy.ext.asyncio.session")
+    if asyncio_session is not None:
+        proxy = asyncio_session.async_session(session)
+        if proxy is not None:
+            return type(proxy).__name__
+    return type(session).__name__
+
+
 def finish_unit(collector: Collector) -> None:
-    """At the end of a unit of work: the connections it checked out that are still out are
-    leaks, one finding per pool and call site. Called by `close_unit` before detection."""
+    """At the end of a unit of work: the connections still checked out by what it opened are
+    leaks, one finding per pool and owner's call site. Called by `close_unit` before
+    detection."""
     held = collector.pool.held
     if not held:
         return
     maybe_fail("pool")
     now = perf_counter()
-    groups: dict[tuple[str, str | None], list[float]] = {}
-    for pool_name, since, callsite in list(held.values()):
-        groups.setdefault((pool_name, callsite), []).append(now - since)
-    for (pool_name, callsite), ages in groups.items():
+    # (pool, owner kind, opened at) -> (first checkout's call site, ages)
+    groups: dict[tuple[str, str, str | None], tuple[str | None, list[float]]] = {}
+    for pool_name, since, callsite, owner in list(held.values()):
+        kind, opened_at = ("Connection", callsite) if owner is None else owner
+        group = groups.get((pool_name, kind, opened_at))
+        if group is None:
+            group = groups[(pool_name, kind, opened_at)] = (callsite, [])
+        group[1].append(now - since)
+    for (pool_name, kind, opened_at), (callsite, ages) in groups.items():
         collector.pool.leaked.append(
             ConnectionLeakFinding(
-                id=finding_id("connection_leak", pool_name, callsite),
+                # The owner's kind is part of the subject: a Session and a Connection left open
+                # in one function are two leaks.
+                id=finding_id("connection_leak", f"{pool_name} {kind}", opened_at),
                 callsite=callsite,
                 pool=pool_name,
                 held_seconds=max(ages),
-                suggestion=LEAK_SUGGESTION,
+                suggestion=LEAK_SUGGESTION if kind == "Connection" else SESSION_LEAK_SUGGESTION,
                 unit=collector.name,
                 connections=len(ages),
+                owner=kind,
+                opened_at=opened_at,
             )
         )

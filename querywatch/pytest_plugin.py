@@ -8,9 +8,11 @@ What a test's unit of work is: the test *body* (pytest's call phase), not its fi
 so seeding a database in a fixture never counts. It is a `watch()` unit of kind `test`; units
 opened while it runs - the requests a `TestClient` or an httpx `ASGITransport` sends through
 `QueryWatchMiddleware`, `watch()` jobs - nest in it: **requests count toward the test's budget**,
-and their findings fail the test. Requests served by a `TestClient`'s portal thread nest through
-the context anyio copies into the portal, or, where it does not, through the test unit being
-the fallback parent of every unit opened with no current unit while the test runs.
+and their findings fail the test. The test unit's own findings - what it logs and counts - are
+the ones it fails on: it never adds up the statements of its requests into findings of its own
+(see `querywatch.testing.WatchedUnit`). Requests served by a `TestClient`'s portal thread nest
+through the context anyio copies into the portal, or, where it does not, through the test unit
+being the fallback parent of every unit opened with no current unit while the test runs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import pytest
 
 if TYPE_CHECKING:
     from querywatch.collection import Report
-    from querywatch.collection import watch as Watch
     from querywatch.findings import Finding
     from querywatch.settings import Settings
     from querywatch.testing import WatchedUnit
@@ -528,12 +529,13 @@ class QueryWatchFixture:
             )
         return unit.report
 
-    def watch(self, name: str = "block") -> Watch:
+    def watch(self, name: str = "block") -> WatchedUnit:
         """Watch a block inside the test: `with querywatch.watch() as report:`. Its statements
-        also count toward the test's budget."""
-        from querywatch.collection import watch
+        also count toward the test's budget, and its findings are the test's. A test unit like
+        the test body: requests made in the block judge their own statements."""
+        from querywatch.testing import WatchedUnit
 
-        return watch(name, mode="log", kind="test")
+        return WatchedUnit(name)
 
     def assert_max_statements(self, max_statements: int) -> AssertMaxStatements:
         """`with querywatch.assert_max_statements(3):` fails when the block runs more."""

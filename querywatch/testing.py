@@ -12,6 +12,7 @@ toward it: their statements through the nesting rule, their findings gathered wh
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -50,8 +51,19 @@ class QueryAssertionError(AssertionError):
         self.findings = tuple(findings)
 
 
-#: Finding kinds recorded as they happen, not aggregated over the unit's statements.
-_EVENT_KINDS = frozenset({"lazy_load_after_close", "connection_leak"})
+#: The statement-count thresholds of a test unit in which other units ran: never reached, so
+#: the detectors that aggregate statements (N+1, bulk writes, duplicates) find nothing there.
+_NEVER = sys.maxsize
+
+
+def _nested_scope(settings: Settings) -> Settings:
+    """The detection settings of a test unit in which requests or jobs ran: only what is
+    recorded as it happens (lazy loads after close, connection leaks) is its own finding.
+
+    Each nested unit judges its own statements; the test unit sees them all together, and six
+    requests that each load one author, or two identical requests, are neither an N+1 nor a
+    duplicate of the test. Their findings are the test's through `WatchedUnit.findings`."""
+    return settings.replace(n_plus_one_threshold=_NEVER, duplicate_threshold=_NEVER)
 
 
 class WatchedUnit:
@@ -60,6 +72,12 @@ class WatchedUnit:
     Findings are detected, and reported, by the innermost unit; a test wants all of them,
     including those of the requests it made. The unit is also the fallback parent while it is
     open, so units opened in threads that did not inherit the context still nest in it.
+
+    What a test unit judges is what it reports: when units ran nested in it, its own detection
+    is narrowed to `_nested_scope` before it ends, so its report - and with it the structlog
+    events and Prometheus counters of the test unit - holds no finding made by adding up the
+    statements of several requests. `findings` is the report's findings plus the nested units'.
+    Usable as a context manager too (`with WatchedUnit("block") as report:`).
     """
 
     __slots__ = (
@@ -103,24 +121,42 @@ class WatchedUnit:
     ) -> None:
         set_fallback_parent(self._previous_fallback)
         try:
+            if self._nested_units and self.report is not None:
+                collector = self.report._c
+                collector.settings = _nested_scope(collector.settings)
             self._watch.__exit__(exc_type, exc, tb)
         finally:
             if self._remove_reporter is not None:
                 self._remove_reporter()
                 self._remove_reporter = None
 
+    def __enter__(self) -> Report:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(exc_type, exc, tb)
+
+    async def __aenter__(self) -> Report:
+        return self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(exc_type, exc, tb)
+
     @property
     def findings(self) -> tuple[Finding, ...]:
-        """The findings of the units nested in it (each request's, each job's), and its own.
-
-        Detection of this unit runs over everything nested in it, so a statement repeated
-        across requests (six requests each loading one author) would look like an N+1 here
-        although no request has one. When units were nested, their findings are the answer and
-        this unit keeps only findings that are not aggregates (lazy loads after close, leaks).
-        """
+        """Its report's findings and those of the units nested in it (each request's, each
+        job's), each once."""
         own = self.report.findings if self.report is not None else ()
-        if self._nested_units:
-            own = tuple(f for f in own if f.kind in _EVENT_KINDS)
         seen: set[str] = set()
         unique: list[Finding] = []
         for finding in (*own, *self._nested):
@@ -156,7 +192,13 @@ def _headline(finding: Finding) -> str:
         model, attribute = get(finding, "model", "?"), get(finding, "attribute", "?")
         return f"lazy load after close: {model}.{attribute} ({get(finding, 'error', '')})"
     if kind == "connection_leak":
-        return f"connection leak: a connection of pool {get(finding, 'pool', '?')!r} never returned"
+        pool = get(finding, "pool", "?")
+        owner = get(finding, "owner", "Connection")
+        opened = get(finding, "opened_at", None) or finding.callsite or "unknown call site"
+        return (
+            f"connection leak: a connection of pool {pool!r} still checked out when the unit "
+            f"ended, held by the {owner} opened at {opened}"
+        )
     return finding.describe()
 
 

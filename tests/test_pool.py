@@ -125,15 +125,17 @@ def test_pool_listeners_do_not_slow_statements(make_engine: EngineFactory) -> No
 
 
 def test_a_leaked_session_is_a_finding_with_its_call_site_and_unit(any_engine: sa.Engine) -> None:
-    """A Session left open when the unit ends is a connection leak, naming where and which unit."""
-    session = Session(any_engine)
+    """A Session opened in the unit and left open holding a connection is a leak, naming the
+    line that opened it, the line that checked the connection out, and the unit."""
+    with querywatch.watch("nightly-import") as report:
+        opened = here()
+        session = Session(any_engine)
+        checked_out = here()
+        session.execute(sa.text("SELECT 1"))
     try:
-        with querywatch.watch("nightly-import") as report:
-            site = here()
-            session.execute(sa.text("SELECT 1"))
         assert report.pool.leaked == 1
         (leak,) = report.leaks
-        assert leak.callsite == site
+        assert (leak.opened_at, leak.callsite, leak.owner) == (opened, checked_out, "Session")
         assert leak.unit == "nightly-import"
         assert leak.pool == querywatch.instrument(any_engine).name
         assert leak.connections == 1
@@ -144,14 +146,16 @@ def test_a_leaked_session_is_a_finding_with_its_call_site_and_unit(any_engine: s
 
 
 async def test_a_leaked_async_session_is_a_finding(any_async_engine: AsyncEngine) -> None:
-    """An AsyncSession left open when the unit ends is a leak at the awaiting line."""
-    session = AsyncSession(any_async_engine)
+    """An AsyncSession opened in the unit and left open is a leak naming the line that opened
+    it and the awaiting line that checked the connection out."""
+    async with querywatch.watch("async-job") as report:
+        opened = here()
+        session = AsyncSession(any_async_engine)
+        checked_out = here()
+        await session.execute(sa.text("SELECT 1"))
     try:
-        async with querywatch.watch("async-job") as report:
-            site = here()
-            await session.execute(sa.text("SELECT 1"))
         (leak,) = report.leaks
-        assert leak.callsite == site
+        assert (leak.opened_at, leak.callsite, leak.owner) == (opened, checked_out, "AsyncSession")
         assert leak.unit == "async-job"
     finally:
         await session.close()

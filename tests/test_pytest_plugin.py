@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.conftest import Logs
+
 pytest_plugins = ["pytester"]
 
 INI = """
@@ -548,3 +550,153 @@ def test_inert_when_unused(suite: pytest.Pytester) -> None:
     recorder.assertoutcome(passed=1)
     (finish,) = recorder.getcalls("pytest_sessionfinish")
     assert finish.session.config.pluginmanager.get_plugin("querywatch-session") is None
+
+
+# --- connections held across tests ---------------------------------------------------------------
+
+# The FastAPI templates' test layout: one Session for the whole run, opened by a session-scoped
+# fixture and shared by the test bodies and (through a dependency override) the app.
+SHARED_SESSION_SUITE = """
+import pytest
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+import querywatch
+from conftest import Author, Base, seed
+from querywatch.middleware import QueryWatchMiddleware
+
+
+@pytest.fixture(scope="session")
+def db_engine():
+    engine = sa.create_engine(
+        "sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False}
+    )
+    querywatch.instrument(engine)
+    Base.metadata.create_all(engine)
+    yield engine
+    querywatch.uninstrument(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def db(db_engine):
+    with Session(db_engine) as session:
+        seed(session)
+        yield session
+
+
+@pytest.fixture(scope="module")
+def client(db):
+    app = FastAPI()
+    app.add_middleware(QueryWatchMiddleware, metrics=False)
+
+    def get_db():
+        yield db
+
+    @app.get("/authors/{author_id}")
+    def read_author(author_id: int, session: Session = Depends(get_db)):
+        return {"name": session.get(Author, author_id).name}
+
+    @app.post("/authors/{author_id}")
+    def rename_author(author_id: int, name: str, session: Session = Depends(get_db)):
+        session.get(Author, author_id).name = name
+        session.commit()
+        return {"name": name}
+
+    with TestClient(app) as client:
+        yield client
+
+
+def test_read_author(client, db):
+    assert client.get("/authors/1").json() == {"name": "author 1"}
+    assert db.get(Author, 2).name == "author 2"
+
+
+def test_rename_author(client):
+    assert client.post("/authors/3", params={"name": "renamed"}).json() == {"name": "renamed"}
+
+
+def test_read_after_rename(client, db):
+    assert client.get("/authors/3").json() == {"name": "renamed"}
+    assert db.scalar(sa.select(sa.func.count()).select_from(Author)) == 6
+"""
+
+
+def test_a_session_scoped_db_fixture_is_no_leak_of_the_tests(suite: pytest.Pytester) -> None:
+    """A session-scoped fixture's Session, holding its connection across tests and used by the
+    test bodies and the app, fails no test with `--querywatch-fail-on=any`."""
+    suite.makepyfile(test_shared=SHARED_SESSION_SUITE)
+    run(suite, "--querywatch-fail-on=any").assert_outcomes(passed=3)
+
+
+def test_a_session_left_open_by_the_test_fails_naming_where_it_was_opened(
+    suite: pytest.Pytester,
+) -> None:
+    """A Session the test body opens and leaves open holding a connection fails the test with
+    the line that opened it."""
+    suite.makepyfile(
+        test_leak="""
+        import pytest
+        import sqlalchemy as sa
+        from sqlalchemy.orm import Session
+
+
+        @pytest.fixture
+        def left_open(engine):
+            sessions = []
+            yield sessions
+            for session in sessions:
+                session.close()
+
+
+        def test_leak(engine, left_open):
+            session = Session(engine)
+            left_open.append(session)
+            session.execute(sa.text("SELECT 1"))
+        """
+    )
+    result = run(suite, "--querywatch-fail-on=connection_leak")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  - connection leak: a connection of pool '*' still checked out when the unit "
+            "ended, held by the Session opened at test_leak.py:15 in test_leak",
+            "      at: test_leak.py:17 in test_leak",
+        ]
+    )
+
+
+# --- what a test unit reports --------------------------------------------------------------------
+
+
+def test_repeats_across_requests_are_not_logged_for_the_test(
+    suite: pytest.Pytester, logs: Logs
+) -> None:
+    """Seven requests that each load one author (the last two identical) log no finding, the
+    test's own included: what the test does not fail on, it does not log either."""
+    suite.makepyfile(
+        test_app=APP
+        + """
+from fastapi.testclient import TestClient
+
+
+def test_each_author(app):
+    with TestClient(app) as client:
+        for author_id in (1, 2, 3, 4, 5, 6, 6):
+            assert client.get(f"/authors/{author_id}").status_code == 200
+"""
+    )
+    run(suite, "--querywatch-fail-on=any").assert_outcomes(passed=1)
+    assert [e for e in logs.events() if e["event"].startswith("querywatch.")] == []
+
+
+def test_a_test_unit_logs_the_findings_it_fails_on(suite: pytest.Pytester, logs: Logs) -> None:
+    """The N+1 a test body runs itself is logged once, by the test unit, and fails the test."""
+    suite.makepyfile(test_authors=N_PLUS_ONE_TEST)
+    run(suite, "--querywatch-fail-on=n_plus_one").assert_outcomes(failed=1)
+    events = [e for e in logs.events() if e["event"].startswith("querywatch.")]
+    assert [(e["event"], e["unit"], e["unit_kind"]) for e in events] == [
+        ("querywatch.n_plus_one", "test_authors.py::test_list_authors", "test")
+    ]
