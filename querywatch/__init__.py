@@ -10,19 +10,29 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from querywatch._autoinstrument import AutoInstrumentation, instrument_all, uninstrument_all
     from querywatch.collection import Report, add_reporter, configure, current_report, watch
-    from querywatch.exceptions import ConfigError, NPlusOneDetected, QueryWatchError
+    from querywatch.exceptions import (
+        ConfigError,
+        FindingsDetected,
+        NPlusOneDetected,
+        QueryWatchError,
+        QueryWatchWarning,
+    )
     from querywatch.fingerprinting import fingerprint
     from querywatch.instrumentation import Instrumentation, instrument, uninstrument
     from querywatch.middleware import QueryWatchMiddleware
     from querywatch.settings import Settings
 
 __all__ = [
+    "AutoInstrumentation",
     "ConfigError",
+    "FindingsDetected",
     "Instrumentation",
     "NPlusOneDetected",
     "QueryWatchError",
     "QueryWatchMiddleware",
+    "QueryWatchWarning",
     "Report",
     "Settings",
     "add_reporter",
@@ -30,7 +40,9 @@ __all__ = [
     "current_report",
     "fingerprint",
     "instrument",
+    "instrument_all",
     "uninstrument",
+    "uninstrument_all",
     "watch",
 ]
 __version__ = "0.1.0"
@@ -39,8 +51,10 @@ __version__ = "0.1.0"
 # imports it in every suite), and the middleware needs the web extras only when it is used.
 _LOCATIONS = {
     "ConfigError": "querywatch.exceptions",
+    "FindingsDetected": "querywatch.exceptions",
     "NPlusOneDetected": "querywatch.exceptions",
     "QueryWatchError": "querywatch.exceptions",
+    "QueryWatchWarning": "querywatch.exceptions",
     "Report": "querywatch.collection",
     "add_reporter": "querywatch.collection",
     "configure": "querywatch.collection",
@@ -50,6 +64,9 @@ _LOCATIONS = {
     "Instrumentation": "querywatch.instrumentation",
     "instrument": "querywatch.instrumentation",
     "uninstrument": "querywatch.instrumentation",
+    "AutoInstrumentation": "querywatch._autoinstrument",
+    "instrument_all": "querywatch._autoinstrument",
+    "uninstrument_all": "querywatch._autoinstrument",
     "QueryWatchMiddleware": "querywatch.middleware",
     "Settings": "querywatch.settings",
 }

@@ -1,7 +1,8 @@
 """FastAPI (and Starlette) glue: `setup(app, engine)` in one line, and the serialization phase.
 
-`setup()` instruments the engines, adds `QueryWatchMiddleware`, and serves the Prometheus
-metrics at `metrics_path`. With FastAPI installed, lazy loads fired while a response model is
+`setup()` instruments the engines (without engines: every engine created afterwards, see
+`querywatch.instrument_all`), adds `QueryWatchMiddleware`, and serves the Prometheus metrics at
+`metrics_path`. With FastAPI installed, lazy loads fired while a response model is
 built from ORM objects (after the endpoint returned) are tagged `phase="serialization"`: FastAPI
 builds responses in `fastapi.routing.serialize_response`, which is wrapped once per process.
 """
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 def setup(
     app: Any,
-    engine_or_engines: Engines,
+    engine_or_engines: Engines | None = None,
     *,
     metrics_path: str | None = "/metrics",
     settings: Settings | None = None,
@@ -51,7 +52,9 @@ def setup(
     (unless `metrics_path` is None or `metrics_enabled` is false) serve Prometheus metrics.
 
     `engine_or_engines`: an engine, a list of engines, or `{"name": engine}` (the names
-    become the `pool` label). `settings` become the process-wide default. `registry`: the
+    become the `pool` label); None (the default): every engine created from now on, sync or
+    async (`querywatch.instrument_all()`; undo with `querywatch.uninstrument_all()`), engines
+    that exist already are not seen. `settings` become the process-wide default. `registry`: the
     Prometheus registry (default prometheus_client's global `REGISTRY`). Returns the engines'
     instrumentation handles. Call before the app starts serving.
     """
@@ -59,10 +62,15 @@ def setup(
 
     if settings is not None and not isinstance(settings, Settings):
         raise TypeError(f"setup(settings=...) takes a querywatch.Settings, got {settings!r}")
-    handles = [
-        instrument(engine, name=name, settings=settings)
-        for name, engine in _named_engines(engine_or_engines)
-    ]
+    if engine_or_engines is None:
+        from querywatch._autoinstrument import instrument_all
+
+        handles = instrument_all(settings=settings).instrumentations
+    else:
+        handles = [
+            instrument(engine, name=name, settings=settings)
+            for name, engine in _named_engines(engine_or_engines)
+        ]
     if metrics_path is not None and not metrics_path.startswith("/"):
         raise ValueError(f"setup(metrics_path=...) must start with '/', got {metrics_path!r}")
     serve = metrics_enabled and metrics_path is not None

@@ -2,11 +2,14 @@
 
 `install(registry)` builds the metrics into `registry` the first time and returns the same
 object on every later call, so apps created many times in one process, and Starlette rebuilding
-its middleware stack, never hit "Duplicated timeseries". Finished units of work are recorded by
-one process-wide reporter: a request into the metrics of the middleware that served it (none
-when that app was set up without metrics), any other unit into every live `QueryWatchMetrics`.
-Per-request work is a few cached child lookups, and statement durations arrive pre-bucketed
-from the collector (one increment per non-empty bucket, not one observation per statement).
+its middleware stack, never hit "Duplicated timeseries". The registry itself remembers its
+metrics (an attribute we set on it), so a fresh copy of this module (a test fixture deleted it
+from `sys.modules`, then it was imported again) finds and reuses them too. Finished units of
+work are recorded by one process-wide reporter: a request into the metrics of the middleware
+that served it (none when that app was set up without metrics), any other unit into every live
+`QueryWatchMetrics`. Per-request work is a few cached child lookups, and statement durations
+arrive pre-bucketed from the collector (one increment per non-empty bucket, not one observation
+per statement).
 
 Pool metrics: in a single process a custom collector reads each pool's state and counters at
 scrape time (no work per checkout). Under `PROMETHEUS_MULTIPROC_DIR` the scrape runs in one
@@ -16,10 +19,11 @@ change instead (gauges in `livesum` mode: each worker has its own pool).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -52,6 +56,12 @@ _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, QueryWatchMetrics] = 
 )
 _live: weakref.WeakSet[QueryWatchMetrics] = weakref.WeakSet()
 _hooked = False
+#: This copy's reporter and internal-error subscriber: (the function that registered it, the
+#: function that removes it). The registering function tells which copy of `collection` (or
+#: `_guard`) holds it.
+_hooks: list[tuple[Callable[..., Any], Callable[[], None]]] = []
+#: The attribute of a registry holding its `QueryWatchMetrics`: it outlives this module's state.
+_REGISTRY_ATTRIBUTE = "_querywatch_metrics"
 
 
 def multiprocess_mode() -> bool:
@@ -61,20 +71,49 @@ def multiprocess_mode() -> bool:
 
 def install(registry: CollectorRegistry | None = None) -> QueryWatchMetrics:
     """Build the querywatch metrics into `registry` (default: prometheus_client's `REGISTRY`)
-    once, and record every finished unit of work into them. Idempotent per registry."""
+    once, and record every finished unit of work into them. Idempotent per registry, also
+    across copies of this module (see the module docstring)."""
     global _hooked
     target = REGISTRY if registry is None else registry
     with _lock:
         metrics = _by_registry.get(target)
         if metrics is None:
-            metrics = QueryWatchMetrics(target, multiprocess=multiprocess_mode())
+            metrics = getattr(target, _REGISTRY_ATTRIBUTE, None)
+            if metrics is not None:
+                # Built by an earlier copy of this module (same code, that copy's class): its
+                # collectors are the ones in the registry. Where that copy's reporter sits in
+                # the same `collection` as ours, it gives way to ours, or units would count
+                # twice (requests still reach that copy's other registries through their
+                # middleware; its other units no longer do). In a `collection` of its own, it
+                # keeps recording the units of the apps built before.
+                if metrics.hooks is not _hooks:
+                    for registrar, remove in metrics.hooks:
+                        if registrar is add_reporter or registrar is _guard.subscribe:
+                            remove()
+                metrics.pools.observe_pools()
+            else:
+                metrics = QueryWatchMetrics(target, multiprocess=multiprocess_mode())
+                with contextlib.suppress(AttributeError):  # a registry class with __slots__
+                    setattr(target, _REGISTRY_ATTRIBUTE, metrics)
+            metrics.hooks = _hooks
             _by_registry[target] = metrics
             _live.add(metrics)
         if not _hooked:
-            add_reporter(_record_report)
-            _guard.subscribe(_record_internal_error)
+            _hooks.append((add_reporter, add_reporter(_record_report)))
+            _hooks.append((_guard.subscribe, _guard.subscribe(_record_internal_error)))
             _hooked = True
     return metrics
+
+
+#: The `route` label of units that are not HTTP requests, by unit kind.
+_UNIT_ROUTES = {"job": "<job>", "test": "<test>", "request": "<request>"}
+
+
+def _unit_route(kind: str) -> str:
+    """The `route` label of a unit of work that is not an HTTP request: `<job>` for `watch()`
+    units, `<test>` for the pytest plugin's and `querywatch.testing`'s (any other kind counts
+    as a job)."""
+    return _UNIT_ROUTES.get(kind, "<job>")
 
 
 def _record_report(report: Report) -> None:
@@ -171,6 +210,8 @@ class QueryWatchMetrics:
             weakref.WeakKeyDictionary()
         )
         self.pools = PoolMetrics(r, multiprocess=multiprocess)
+        #: The hooks of the copy of this module recording into these metrics (see `install`).
+        self.hooks: list[tuple[Callable[..., Any], Callable[[], None]]] = []
         r.register(_Anchor(self))
 
     # -- per unit of work -------------------------------------------------------------------
@@ -193,7 +234,9 @@ class QueryWatchMetrics:
             children[0].observe(c.statements)
             children[1].observe(c.db_seconds)
         else:
-            route = c.name
+            # Never the unit's name: a test id or a job name is one label value per test or
+            # job, without bound. The kind is a fixed, small set.
+            route = _unit_route(c.kind)
         self._record_statements(c)
         for finding in report.findings_to_report():
             kind = finding.kind
@@ -204,7 +247,8 @@ class QueryWatchMetrics:
             elif kind == "lazy_load_after_close":
                 self.lazy_loads_after_close.labels(route).inc()
             elif kind == "connection_leak":
-                self.leaked_connections.labels(getattr(finding, "pool", ""), route).inc()
+                leaked = getattr(finding, "connections", 1)
+                self.leaked_connections.labels(getattr(finding, "pool", ""), route).inc(leaked)
         self._record_lazy_loads(c, route)
 
     def _record_lazy_loads(self, c: Collector, route: str) -> None:
@@ -284,6 +328,7 @@ class PoolMetrics:
         self._lock = threading.Lock()
         self._flushed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
         self._remove_observer: Any = None
+        self._observed: Any = None
         if not multiprocess:
             return
         from prometheus_client import Gauge
@@ -303,9 +348,21 @@ class PoolMetrics:
             attr: Histogram(name, doc, ["pool"], buckets=bounds, registry=r)
             for attr, (name, doc, bounds) in _pool_histograms().items()
         }
+        self.observe_pools()
+
+    def observe_pools(self) -> None:
+        """Multiprocess: be told of the pools of the `querywatch.pool` module in use now (again,
+        when a fresh copy of it was imported). Idempotent."""
+        if not self.multiprocess:
+            return
         from querywatch import pool
 
+        if self._observed is pool:
+            return
+        if self._remove_observer is not None:
+            self._remove_observer()
         self._remove_observer = pool.add_observer(self._observe)
+        self._observed = pool
         weakref.finalize(self, self._remove_observer)
 
     # -- single process: read at scrape time --------------------------------------------------

@@ -8,18 +8,24 @@ pass straight through. Per-request state lives in local variables, never on `sel
 
 It needs no framework: the route template is read from the scope after the app ran (Starlette
 and FastAPI put the matched route there); requests no route matched share one label.
+
+Requests that counted no statement while they checked connections out of engines querywatch
+does not instrument (an engine swapped in after `setup()`) are counted; the third one logs
+`querywatch.no_statements`, once per process.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
+import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from querywatch import _guard
+from querywatch import _autoinstrument, _guard
 from querywatch.collection import Collector, close_unit, default_settings, open_unit
 from querywatch.settings import Settings
 
@@ -41,6 +47,9 @@ KNOWN_METHODS = frozenset(
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
 #: Status of a request whose client went away before a response started (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
+#: Requests without statements but with connections of uninstrumented engines before the
+#: `querywatch.no_statements` warning (one such request can be a health check's own engine).
+SILENT_REQUESTS_BEFORE_WARNING = 3
 
 
 class QueryWatchMiddleware:
@@ -79,6 +88,7 @@ class QueryWatchMiddleware:
 
             self.metrics = (metrics_module.install(registry),)
         _install_framework_hooks()
+        _autoinstrument.count_checkouts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,10 +106,13 @@ class QueryWatchMiddleware:
         collector: Collector | None = None
         token: Any = None
         log_tokens: Any = None
+        checkouts = [0]  # on every pool, instrumented or not (see querywatch._autoinstrument)
+        checkouts_token: Any = None
         try:
             collector, token = open_unit(method, settings=settings, kind="request")
             collector.metrics = self.metrics
             log_tokens = bind_contextvars(request_id=request_id)
+            checkouts_token = _autoinstrument.checkouts.set(checkouts)
         except Exception as exc:
             _guard.internal_error("middleware", exc)
         if collector is None:
@@ -163,13 +176,45 @@ class QueryWatchMiddleware:
                 if error is not None:
                     http["error"] = type(error).__name__
                 collector.http = http
+                if not collector.statements and checkouts[0] > collector.pool.checkouts:
+                    _silent_request(route)
             except Exception as exc:
                 _guard.internal_error("middleware", exc)
             try:
                 close_unit(collector, token, raise_findings=raise_findings)
             finally:
+                if checkouts_token is not None:
+                    _autoinstrument.checkouts.reset(checkouts_token)
                 if log_tokens is not None:
                     reset_contextvars(**log_tokens)
+
+
+_silent_lock = threading.Lock()
+_silent_requests = 0
+_silent_warned = False
+
+
+def _silent_request(route: str) -> None:
+    """Count a request that used only engines querywatch does not instrument; warn once."""
+    global _silent_requests, _silent_warned
+    with _silent_lock:
+        _silent_requests += 1
+        if _silent_warned or _silent_requests < SILENT_REQUESTS_BEFORE_WARNING:
+            return
+        _silent_warned = True
+        requests = _silent_requests
+    structlog.get_logger("querywatch").warning(
+        "querywatch.no_statements",
+        requests=requests,
+        route=route,
+        hint=(
+            "these requests checked out database connections of engines querywatch does not "
+            "instrument and counted no statement (an engine created after setup(), e.g. by a "
+            "test suite, or never passed to it): instrument it with querywatch.instrument("
+            "engine), or call querywatch.instrument_all() (or setup(app) without an engine) "
+            "before the engines are created"
+        ),
+    )
 
 
 def _route_path(scope: Scope) -> str:
@@ -217,18 +262,27 @@ def _with_headers(
 def resolve_route(scope: Scope, base_root_path: str = "") -> str:
     """The route template a finished request matched, or `UNMATCHED_ROUTE`.
 
-    Reads what the routers left in the scope: `scope["route"]` (Starlette ≥ 0.x sets it for
-    every route; FastAPI's `APIRoute` too), FastAPI's effective route context for routers
-    included with a prefix (FastAPI ≥ 0.120 keeps the router's own route there, whose
-    `path_format` lacks the prefix), and the mount prefixes accumulated in `root_path`.
+    Reads what the routers left in the scope: `scope["route"]` (Starlette's router sets it for
+    every route, FastAPI's `APIRoute` for itself), FastAPI's effective route context for routers
+    included with a prefix (FastAPI >= 0.120 keeps the router's own route there, whose
+    `path_format` lacks the prefix), and the mount prefixes accumulated in `root_path`. FastAPI's
+    own router (>= 0.120) leaves `scope["route"]` unset for the plain Starlette routes it serves
+    (`/docs`, `/openapi.json`, `app.add_route`, mounts): those are found by the endpoint the
+    match put in the scope, see `_route_by_endpoint`.
     """
     route = scope.get("route")
+    kind = _route_kind(route) if route is not None else ""
+    if route is None or (kind == "mount" and scope.get("endpoint") is not route.app):
+        # No route recorded, or only a mount whose app then matched a route of its own
+        # without recording it (a FastAPI app mounted in a Starlette app).
+        found = _route_by_endpoint(scope)
+        if found is not None:
+            route, kind = found, _route_kind(found)
     if route is None:
         return UNMATCHED_ROUTE
     template = getattr(route, "path_format", None)
     if not isinstance(template, str):
         return UNMATCHED_ROUTE
-    kind = _route_kind(route)
     if kind == "host":
         return UNMATCHED_ROUTE
     if kind == "mount":
@@ -254,6 +308,59 @@ def resolve_route(scope: Scope, base_root_path: str = "") -> str:
                     prefix = prefix.replace(f"/{value}", f"/{{{key}}}", 1)
         template = prefix + template
     return template
+
+
+#: How deep `_route_by_endpoint` looks into `Mount(routes=[...])` inside the app.
+_MAX_MOUNT_DEPTH = 8
+
+
+def _route_by_endpoint(scope: Scope) -> Any:
+    """The Starlette `Route` (or `Mount`) of the innermost app that served the request, found
+    by the endpoint its match put in `scope["endpoint"]`, else None.
+
+    The innermost Starlette or FastAPI app that ran is `scope["app"]` (each sets itself there);
+    its routes are searched for the endpoint, through `Mount(routes=[...])` (no app of their
+    own). When one endpoint serves several paths, the route that matches the scope wins.
+    Requests no route matched carry no endpoint and cost nothing here.
+    """
+    endpoint = scope.get("endpoint")
+    if endpoint is None:
+        return None
+    routes = getattr(scope.get("app"), "routes", None)
+    candidates: list[Any] = []
+    _collect_by_endpoint(routes, endpoint, candidates, 0)
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    from starlette.routing import Match
+
+    partial = None
+    for route in candidates:
+        match, _ = route.matches(scope)  # reads the scope, never writes it
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial if partial is not None else candidates[0]
+
+
+def _collect_by_endpoint(routes: Any, endpoint: Any, found: list[Any], depth: int) -> None:
+    if not isinstance(routes, list) or depth > _MAX_MOUNT_DEPTH:
+        return
+    try:
+        from starlette.routing import Mount, Route, Router
+    except ImportError:  # pragma: no cover - no Starlette, nothing to search
+        return
+    for route in routes:
+        if isinstance(route, Route):
+            if route.endpoint is endpoint:
+                found.append(route)
+        elif isinstance(route, Mount):
+            if route.app is endpoint:
+                found.append(route)
+            elif isinstance(route.app, Router):
+                # `Mount(routes=[...])`: its router matched inside the same app. A mounted
+                # Starlette or FastAPI app would have put itself in scope["app"] instead.
+                _collect_by_endpoint(route.routes, endpoint, found, depth + 1)
 
 
 _mount_type: type | None = None

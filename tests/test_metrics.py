@@ -3,6 +3,7 @@ built once per registry, valid for promtool, and summed over worker processes.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -297,7 +298,8 @@ def test_lazy_loads_in_nested_units_are_counted_once(sqlite_web_engine: sa.Engin
         labels = {"route": route, "phase": "handler"}
         return registry.get_sample_value("querywatch_lazy_loads_total", labels)
 
-    assert (lazy("inner"), lazy("outer")) == (4, 6)
+    # Both are jobs, labelled `<job>`: 4 + 6 loads, not the outer unit's 10 counted again.
+    assert lazy("<job>") == 10
 
 
 async def test_requests_count_only_in_their_own_apps_registry(
@@ -332,6 +334,97 @@ def test_jobs_count_in_every_registry(sqlite_engine: sa.Engine) -> None:
         for _ in range(2):
             conn.exec_driver_sql("SELECT 1")
     assert [
-        r.get_sample_value("querywatch_duplicate_queries_total", {"route": "nightly"})
+        r.get_sample_value("querywatch_duplicate_queries_total", {"route": "<job>"})
         for r in registries
     ] == [1, 1]
+
+
+_RELOAD = textwrap.dedent(
+    """
+    import asyncio, importlib, json, sys
+    import httpx, sqlalchemy as sa
+    from fastapi import FastAPI
+    from prometheus_client import REGISTRY
+
+    forget = sys.argv[1]  # "all": every querywatch module; "metrics": querywatch.metrics only
+    engine = sa.create_engine(
+        "sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False}
+    )
+
+    def app_set_up() -> FastAPI:
+        from querywatch.fastapi import setup  # the copy imported now
+
+        app = FastAPI()
+
+        @app.get("/items/{n}")
+        def items(n: int) -> dict:
+            with engine.connect() as conn:
+                for i in range(n):
+                    conn.execute(sa.select(sa.bindparam("i", type_=sa.Integer)), {"i": i})
+            return {}
+
+        setup(app, engine)  # prometheus_client's default REGISTRY
+        return app
+
+    async def get(app: FastAPI, path: str, times: int) -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            for _ in range(times):
+                response = await c.get(path)
+                assert response.status_code == 200, response.status_code
+            return response.text
+
+    first = app_set_up()
+    asyncio.run(get(first, "/items/2", 1))
+    for name in [m for m in sys.modules if m == "querywatch" or m.startswith("querywatch.")]:
+        if forget == "all" or name == "querywatch.metrics":
+            del sys.modules[name]
+    importlib.import_module("querywatch.metrics")  # a fresh copy, as the next test's import
+    second = app_set_up()
+    asyncio.run(get(second, "/items/2", 2))
+    asyncio.run(get(first, "/items/2", 4))
+    with importlib.import_module("querywatch").watch("job"), engine.connect() as conn:
+        for _ in range(2):
+            conn.exec_driver_sql("SELECT 1")
+    labels = {"route": "/items/{n}", "method": "GET"}
+    duplicates = [
+        sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "querywatch_duplicate_queries_total"
+    ]
+    print(json.dumps({
+        "requests": REGISTRY.get_sample_value("querywatch_request_db_statements_count", labels),
+        "statements": REGISTRY.get_sample_value("querywatch_request_db_statements_sum", labels),
+        "duplicates": duplicates,
+        "scraped": "querywatch_request_db_statements_count" in asyncio.run(
+            get(second, "/metrics", 1)
+        ),
+    }))
+    """
+)
+
+
+@pytest.mark.parametrize("forget", ["all", "metrics"])
+def test_setup_again_after_querywatch_modules_were_reimported(tmp_path: Path, forget: str) -> None:
+    """`setup()` again on the default registry, after a fixture deleted querywatch's modules
+    from `sys.modules` (all of them, or `querywatch.metrics` alone) and they were imported
+    again: the metrics already registered are reused, and every unit counts once."""
+    script = tmp_path / "reload.py"
+    script.write_text(_RELOAD)
+    result = subprocess.run(
+        [sys.executable, str(script), forget],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    last_line = result.stdout.splitlines()[-1]  # after the log lines
+    assert json.loads(last_line) == {
+        "requests": 7,
+        "statements": 14,
+        "duplicates": [1],
+        "scraped": True,
+    }

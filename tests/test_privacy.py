@@ -261,7 +261,7 @@ def test_watch_report_holds_no_secret(watched: Run) -> None:
 
 def test_watch_metrics_hold_no_secret(watched: Run) -> None:
     """No metric sample recorded for a `watch()` unit holds a secret."""
-    assert 'querywatch_n_plus_one_total{route="privacy-job"}' in watched.metrics
+    assert 'querywatch_n_plus_one_total{route="<job>"}' in watched.metrics
     assert_no_secret(watched.metrics)
 
 
