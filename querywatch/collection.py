@@ -126,6 +126,8 @@ class Query:
     operation: str
     seconds: float
     pool: str
+    #: The line of user code that ran it (`path:LINE in function`), when there was one.
+    callsite: str | None = None
 
 
 class Site:
@@ -372,8 +374,8 @@ class Collector:
         self.statements = 0
         self.failed_statements = 0
         self.db_seconds = 0.0
-        #: (fingerprint, operation, seconds, pool) of the first `max_queries` statements
-        self.queries: list[tuple[str, str, float, str]] = []
+        #: (fingerprint, operation, seconds, pool, call site) of the first `max_queries` statements
+        self.queries: list[tuple[str, str, float, str, str | None]] = []
         #: Statements not folded yet, in execution order.
         self.pending: list[Pending] = []
         #: A weak reference to the execution context of the last insertmanyvalues statement:
@@ -460,13 +462,13 @@ class Collector:
                 if len(shapes) >= self.max_shapes:
                     self.untracked_statements += 1
                     if len(queries) < max_queries:
-                        queries.append((fingerprint, operation, seconds, pool))
+                        queries.append((fingerprint, operation, seconds, pool, where[0]))
                     continue
                 shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
             if len(queries) < max_queries:
                 # The shape's own string: the queries of a long statement (too long for the
                 # fingerprint cache, so fingerprinted anew each time) share one copy.
-                queries.append((shape.fingerprint, operation, seconds, pool))
+                queries.append((shape.fingerprint, operation, seconds, pool, where[0]))
             shape.count += 1
             shape.seconds += seconds
             if innermost:
