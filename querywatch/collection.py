@@ -186,7 +186,9 @@ def shape_info(fingerprint: str, operation: str) -> ShapeInfo:
 
 #: A read repeated after this many seconds of idle time (not spent in the database) is a
 #: deliberate re-read - a polling loop that waits for a change made elsewhere - not a duplicate.
-POLL_INTERVAL = 0.05
+#: Long enough that a garbage-collection pause or a busy CPU between two reads is not taken
+#: for a wait (which would hide a real duplicate).
+POLL_INTERVAL = 0.2
 #: Call sites (with their callers) remembered per duplicated statement.
 MAX_DUPLICATE_SITES = 8
 
@@ -621,9 +623,19 @@ class Report:
         return self._c.kind
 
     @property
+    def parent(self) -> Report | None:
+        """The report of the unit of work this one is nested in; None for an outermost unit."""
+        return self._c.parent.report if self._c.parent is not None else None
+
+    @property
     def final(self) -> bool:
         """True once the unit of work has ended."""
         return self._c.closed
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this unit of work ran with."""
+        return self._c.settings
 
     @property
     def statements(self) -> int:

@@ -47,6 +47,7 @@ def setup(
     settings: Settings | None = None,
     registry: Any = None,
     metrics_enabled: bool = True,
+    otel: bool = False,
 ) -> list[Instrumentation]:
     """Audit `app` (FastAPI or Starlette): instrument the engines, add the middleware, and
     (unless `metrics_path` is None or `metrics_enabled` is false) serve Prometheus metrics.
@@ -56,7 +57,8 @@ def setup(
     async (`querywatch.instrument_all()`; undo with `querywatch.uninstrument_all()`), engines
     that exist already are not seen. `settings` become the process-wide default. `registry`: the
     Prometheus registry (default prometheus_client's global `REGISTRY`). Returns the engines'
-    instrumentation handles. Call before the app starts serving.
+    instrumentation handles. Call before the app starts serving. `otel=True` (or
+    `settings.otel`): the OpenTelemetry bridge, see `querywatch.otel`.
     """
     from querywatch.middleware import QueryWatchMiddleware
 
@@ -91,6 +93,10 @@ def setup(
         else:  # pragma: no cover - Starlette without add_route
             app.router.routes.append(route)
     install_serialization_hook()
+    if otel or (settings is not None and settings.otel):
+        from querywatch import _otel_asgi
+
+        _otel_asgi.setup(app)
     return handles
 
 

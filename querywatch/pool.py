@@ -236,6 +236,19 @@ class PoolStats:
         """Connections querywatch saw checked out and not yet returned."""
         return len(self._out)
 
+    @property
+    def idle_max(self) -> int | None:
+        """Most idle connections the engine's pool keeps open (QueuePool: `pool_size`; NullPool:
+        0); None where the pool class sets no such limit or cannot say, or the engine is gone."""
+        engine = self._engine_ref()
+        if engine is None:
+            return None
+        pool = engine.pool
+        if isinstance(pool, sa_pool.QueuePool):  # AsyncAdaptedQueuePool too
+            size = pool.size()
+            return size if size > 0 else None  # pool_size=0: no limit
+        return 0 if isinstance(pool, sa_pool.NullPool) else None
+
     def snapshot(self) -> PoolStats:
         """A copy of the counters and histograms, for reading several figures that agree with
         each other (its `state()` stays live)."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from querywatch._snapshots import SnapshotBlocks, SnapshotSession, TestSnapshot
     from querywatch.collection import Report
     from querywatch.findings import Finding
     from querywatch.settings import Settings
@@ -60,6 +61,15 @@ _SESSION: pytest.StashKey[QueryWatchSession] = pytest.StashKey()
 _UNIT: pytest.StashKey[WatchedUnit] = pytest.StashKey()
 #: The options, kept until something activates the plugin: (fail-on kinds, baseline, update).
 _OPTIONS: pytest.StashKey[tuple[frozenset[str], Path | None, bool]] = pytest.StashKey()
+_SNAPSHOT = "querywatch_snapshot"  # the marker's and the fixture's name
+_SNAPSHOT_MARKER_DOC = (
+    "querywatch_snapshot(enabled=True): record the test body's SQL statements (shapes, in "
+    "order) in <module>.querywatch.yml and fail when they change (querywatch)."
+)
+#: Snapshot options: (every test, update, strict, directory of the record files or None).
+_SNAPSHOT_OPTIONS: pytest.StashKey[tuple[bool, bool, bool, Path | None]] = pytest.StashKey()
+_SNAPSHOTS: pytest.StashKey[SnapshotSession] = pytest.StashKey()
+_SNAPSHOT_TEST: pytest.StashKey[TestSnapshot] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -88,6 +98,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="Write the findings that would fail tests to the baseline file instead of failing; "
         "entries of tests that did not run are kept.",
+    )
+    group.addoption(
+        "--querywatch-snapshot",
+        dest="querywatch_snapshot",
+        action="store_true",
+        default=None,
+        help="Record every test's SQL statements in <module>.querywatch.yml and fail a test "
+        "whose statements differ from its record. Overrides the querywatch_snapshot ini key.",
+    )
+    group.addoption(
+        "--querywatch-snapshot-update",
+        dest="querywatch_snapshot_update",
+        action="store_true",
+        default=False,
+        help="Rewrite the snapshot records of the tests that ran, and remove the records of "
+        "tests that no longer exist.",
+    )
+    group.addoption(
+        "--querywatch-snapshot-strict",
+        dest="querywatch_snapshot_strict",
+        action="store_true",
+        default=False,
+        help="Fail a snapshot test that has no record yet (for CI) instead of writing it.",
+    )
+    parser.addini(
+        "querywatch_snapshot",
+        type="bool",
+        help="Record every test's SQL statements in a snapshot (like --querywatch-snapshot).",
+        default=False,
+    )
+    parser.addini(
+        "querywatch_snapshot_dir",
+        help="Directory of the snapshot record files, relative to the rootdir (default: "
+        "beside each test module).",
+        default="",
     )
     parser.addini(
         "querywatch_fail_on",
@@ -122,6 +167,7 @@ def parse_kinds(value: str, *, source: str) -> frozenset[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER_DOC)
+    config.addinivalue_line("markers", _SNAPSHOT_MARKER_DOC)
     option = config.getoption("querywatch_fail_on")
     if option is not None:
         fail_on = parse_kinds(option, source="--querywatch-fail-on")
@@ -143,6 +189,70 @@ def pytest_configure(config: pytest.Config) -> None:
         _activate(config, fail_on=fail_on, baseline=baseline, update=update)
     else:
         config.stash[_OPTIONS] = (fail_on, baseline, update)
+    _configure_snapshots(config)
+
+
+def _configure_snapshots(config: pytest.Config) -> None:
+    option = config.getoption("querywatch_snapshot")
+    every = bool(config.getini(_SNAPSHOT)) if option is None else bool(option)
+    update = bool(config.getoption("querywatch_snapshot_update"))
+    strict = bool(config.getoption("querywatch_snapshot_strict"))
+    directory = str(config.getini("querywatch_snapshot_dir"))
+    config.stash[_SNAPSHOT_OPTIONS] = (
+        every,
+        update,
+        strict,
+        (config.rootpath / directory).resolve() if directory else None,
+    )
+    if every or update or strict:
+        _snapshots(config)  # before collection: an update run removes records of gone tests
+    if every:
+        _activate(config)
+
+
+def _snapshots(config: pytest.Config) -> SnapshotSession:
+    """The snapshot part of the session, registered on first use."""
+    session = config.stash.get(_SNAPSHOTS, None)
+    if session is None:
+        from querywatch._snapshots import SnapshotSession
+
+        _, update, strict, directory = config.stash[_SNAPSHOT_OPTIONS]
+        session = config.stash[_SNAPSHOTS] = SnapshotSession(
+            config, update=update, strict=strict, directory=directory
+        )
+        config.pluginmanager.register(session, "querywatch-snapshots")
+    return session
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller: add up the snapshot records each worker wrote."""
+    output = getattr(node, "workeroutput", None) or {}
+    if "querywatch_snapshots" in output:
+        _snapshots(node.config).add_worker(output)
+
+
+def _snapshot_test(item: pytest.Item) -> TestSnapshot | None:
+    """The snapshot of a test that records one (marker, option, or the fixture's blocks)."""
+    every = item.config.stash[_SNAPSHOT_OPTIONS][0]
+    if (
+        not every
+        and item.get_closest_marker(_SNAPSHOT) is None
+        and _SNAPSHOT not in getattr(item, "fixturenames", ())
+    ):
+        return None
+    from querywatch._snapshots import mode_of
+
+    try:
+        mode = mode_of(item, marker=_SNAPSHOT, fixture=_SNAPSHOT, suite_wide=every)
+    except ValueError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if mode is None:
+        return None
+    snapshot = item.stash[_SNAPSHOT_TEST] = _snapshots(item.config).test(
+        item, whole=mode == "whole"
+    )
+    return snapshot
 
 
 def _activate(
@@ -183,6 +293,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     for item in items:
         if item.get_closest_marker(_MARKER) is not None or _FIXTURE in getattr(
+            item, "fixturenames", ()
+        ):
+            _activate(config)
+            return
+        if item.get_closest_marker(_SNAPSHOT) is not None or _SNAPSHOT in getattr(
             item, "fixturenames", ()
         ):
             _activate(config)
@@ -392,20 +507,28 @@ class QueryWatchSession:
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
         policy = _marker_policy(item, self.fail_on)
-        if not self._watched(item, policy):
+        snapshot = _snapshot_test(item)
+        if snapshot is None and not self._watched(item, policy):
             return (yield)
         from querywatch.testing import WatchedUnit
 
-        unit = item.stash[_UNIT] = WatchedUnit(item.nodeid, settings=policy.settings)
-        unit.open()
+        settings = policy.settings if snapshot is None else snapshot.settings(policy.settings)
+        unit = item.stash[_UNIT] = WatchedUnit(item.nodeid, settings=settings)
+        report = unit.open()
+        if snapshot is not None:
+            snapshot.start(report)
         try:
             result = yield
         except BaseException as exc:
             unit.close(type(exc), exc, exc.__traceback__)
+            if snapshot is not None:
+                snapshot.stop()
             self._record(item, unit, policy)
             raise
         unit.close()
         message = self._record(item, unit, policy)
+        if snapshot is not None:
+            message = "\n\n".join(part for part in (message, snapshot.finish()) if part)
         if message:
             pytest.fail(message, pytrace=False)
         return result
@@ -460,6 +583,8 @@ class QueryWatchSession:
             # Fixtures may read the report in their teardown; then it is freed.
             if _UNIT in item.stash:
                 del item.stash[_UNIT]
+            if _SNAPSHOT_TEST in item.stash:
+                del item.stash[_SNAPSHOT_TEST]
 
     def stale(self) -> list[BaselineEntry]:
         """Baseline entries not found any more, among those whose tests all ran."""
@@ -555,3 +680,13 @@ def querywatch_fixture(request: pytest.FixtureRequest) -> QueryWatchFixture:
     """The test body's querywatch report, plus block watches and statement assertions."""
     _activate(request.config)
     return QueryWatchFixture(request.node)
+
+
+@pytest.fixture(name=_SNAPSHOT)
+def querywatch_snapshot_fixture(request: pytest.FixtureRequest) -> SnapshotBlocks:
+    """Named blocks in the test's snapshot: `with querywatch_snapshot("after login"):`."""
+    _activate(request.config)
+    from querywatch._snapshots import SnapshotBlocks
+
+    node = request.node
+    return SnapshotBlocks(lambda: node.stash.get(_SNAPSHOT_TEST, None))

@@ -20,7 +20,7 @@ from querywatch import _guard
 from querywatch.collection import Report, add_reporter
 from querywatch.findings import Finding
 
-__all__ = ["install", "log_report", "uninstall"]
+__all__ = ["add_fields", "install", "log_report", "uninstall"]
 
 #: Finding kinds counted on the `querywatch.request` event, in this order.
 FINDING_KINDS = (
@@ -36,6 +36,27 @@ ERROR_KINDS = frozenset({"lazy_load_after_close", "pool_timeout"})
 
 _logger = structlog.get_logger("querywatch")
 _remove: Callable[[], None] | None = None
+#: Sources of fields added to every event of a unit (`querywatch.otel`: trace ids).
+_field_sources: list[Callable[[Report], dict[str, Any]]] = []
+
+
+def add_fields(source: Callable[[Report], dict[str, Any]]) -> Callable[[], None]:
+    """Add `source(report)` to the fields of every event logged for a finished unit of work
+    (it runs inside this reporter's guard); returns the removal function."""
+    _field_sources.append(source)
+
+    def remove() -> None:
+        if source in _field_sources:
+            _field_sources.remove(source)
+
+    return remove
+
+
+def _extra_fields(report: Report) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for source in tuple(_field_sources):
+        fields.update(source(report))
+    return fields
 
 
 def install() -> None:
@@ -80,7 +101,7 @@ def _log_report(report: Report) -> None:
     usage = collector.pool
     timeouts = usage.timeouts
     if findings or timeouts:
-        context = _context(report)
+        context = {**_context(report), **_extra_fields(report)}
         max_sql = settings.max_sql_length
         for finding in findings:
             _log_finding(finding, context, max_sql)
@@ -130,6 +151,7 @@ def _log_report(report: Report) -> None:
         "pool_checkouts": usage.checkouts,
         "pool_wait_ms": round(usage.wait_seconds * 1000, 3),
         "pool_leaked": len(usage.leaked),
+        **_extra_fields(report),
     }
     if http.get("disconnected"):
         fields["disconnected"] = True

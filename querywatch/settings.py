@@ -116,6 +116,22 @@ class Settings:
         default="X-Request-ID",
         metadata=_doc("Header the request id is read from and echoed on."),
     )
+    otel: bool = field(
+        default=False,
+        metadata=_doc(
+            "Turn on the OpenTelemetry bridge in `querywatch.fastapi.setup()` (needs "
+            "`pip install 'querywatch[otel]'`; elsewhere call `querywatch.otel.enable()`): "
+            "findings as events and counts as attributes of the active span, pool metrics as "
+            "`db.client.connection.*` instruments, `trace_id`/`span_id` on log events."
+        ),
+    )
+    otel_finding_spans: bool = field(
+        default=False,
+        metadata=_doc(
+            "With the OpenTelemetry bridge, also a child span per finding (for backends that "
+            "index spans but not span events)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -141,7 +157,14 @@ class Settings:
         rate = self.log_sample_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise ConfigError("log_sample_rate", f"must be a number from 0 to 1, got {rate!r}")
-        for name in ("enabled", "log_parameters", "server_timing", "report_stale_allowlist"):
+        for name in (
+            "enabled",
+            "log_parameters",
+            "server_timing",
+            "report_stale_allowlist",
+            "otel",
+            "otel_finding_spans",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.allowlist, str) or not all(

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
+from querywatch._snapshots import assert_query_snapshot
 from querywatch.collection import (
     Collector,
     Report,
@@ -32,6 +33,7 @@ __all__ = [
     "QueryAssertionError",
     "assert_max_statements",
     "assert_no_n_plus_one",
+    "assert_query_snapshot",
     "describe_budget",
     "describe_findings",
 ]
