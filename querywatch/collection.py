@@ -308,6 +308,7 @@ class PoolReport:
     wait_seconds: float
     timeouts: int
     max_held: int
+    #: Connections still checked out when the unit ended (its leaks).
     leaked: int
 
 
@@ -680,7 +681,7 @@ class Report:
             wait_seconds=usage.wait_seconds,
             timeouts=usage.timeouts,
             max_held=usage.max_held,
-            leaked=len(usage.leaked),
+            leaked=sum(leak.connections for leak in usage.leaked),
         )
 
     @property

@@ -150,7 +150,7 @@ def _log_report(report: Report) -> None:
         "pool_timeout": timeouts,
         "pool_checkouts": usage.checkouts,
         "pool_wait_ms": round(usage.wait_seconds * 1000, 3),
-        "pool_leaked": len(usage.leaked),
+        "pool_leaked": sum(leak.connections for leak in usage.leaked),
         **_extra_fields(report),
     }
     if http.get("disconnected"):

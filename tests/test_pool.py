@@ -193,6 +193,18 @@ def test_leaks_from_one_site_are_one_finding(make_engine: EngineFactory) -> None
     assert leak.connections == 3
 
 
+def test_report_counts_leaked_connections_not_findings(make_engine: EngineFactory) -> None:
+    """`report.pool.leaked` is the number of connections left out, whatever their grouping."""
+    engine = make_engine()
+    conns = []
+    with querywatch.watch("loop") as report:
+        for _ in range(3):
+            conns.append(engine.connect())
+    for conn in conns:
+        conn.close()
+    assert (len(report.leaks), report.pool.leaked) == (1, 3)
+
+
 def test_a_leak_is_reported_once_by_the_innermost_unit(make_engine: EngineFactory) -> None:
     """A connection leaked by a nested unit and still out at the outer end is reported once."""
     engine = make_engine()
