@@ -147,13 +147,16 @@ def test_duplicate_names_every_call_site_involved(any_engine: sa.Engine) -> None
 
 
 def test_refresh_without_a_write_is_a_duplicate_with_its_own_fix(any_engine: sa.Engine) -> None:
-    """refresh() right after loading, nothing written, is redundant; the fix says refresh."""
+    """refresh() again with nothing written since is redundant; the fix says refresh."""
     _seeded(any_engine)
     with querywatch.watch("refresh") as report, Session(any_engine) as session:
         author = session.get(Author, 1)
         assert author is not None
         session.refresh(author)
+        again = next_line()
+        session.refresh(author)
     (finding,) = report.duplicates
+    assert finding.callsite == again
     assert "session.refresh()" in finding.suggestion
 
 
