@@ -8,6 +8,8 @@ against the budget, the statement shapes, and each finding with its call site an
 
 Units of work opened inside the block (the requests of a `TestClient`, `watch()` jobs) count
 toward it: their statements through the nesting rule, their findings gathered when they end.
+`assert_query_snapshot(path, name)` (from `querywatch._snapshots`) compares the statement shapes
+a block runs with a snapshot record file, like the pytest plugin's snapshots.
 """
 
 from __future__ import annotations
