@@ -28,6 +28,7 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.pool import Pool
 
 from querywatch import _guard
+from querywatch.collection import configure
 from querywatch.instrumentation import Instrumentation, instrument
 
 if TYPE_CHECKING:
@@ -102,8 +103,6 @@ def instrument_all(*, settings: Settings | None = None) -> AutoInstrumentation:
     default (see `querywatch.configure`)."""
     global _active
     if settings is not None:
-        from querywatch.collection import configure
-
         configure(settings)
     with _lock:
         if _active is None:

@@ -31,9 +31,11 @@ from time import perf_counter
 from typing import Any
 
 from sqlalchemy.exc import MissingGreenlet, StatementError
+from sqlalchemy.orm import attributes
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from querywatch import _callsite
+from querywatch._engines import instrumented_engines
 from querywatch._guard import internal_error, maybe_fail
 from querywatch.collection import Collector, LazyGroup, _current
 from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
@@ -55,8 +57,6 @@ _installed: tuple[Any, str, Callable[..., Any]] | None = None
 def _attribute_impl_class() -> Any:
     """The base class of attribute implementations: `AttributeImpl` in SQLAlchemy 2.0,
     `_AttributeImpl` in 2.1 (None if neither exists)."""
-    from sqlalchemy.orm import attributes
-
     for name in ("AttributeImpl", "_AttributeImpl"):
         owner = getattr(attributes, name, None)
         if owner is not None and "_fire_loader_callables" in owner.__dict__:
@@ -103,8 +103,6 @@ def uninstall() -> None:
 
 def release_if_unused() -> None:
     """Uninstall when no engine is instrumented any more."""
-    from querywatch.instrumentation import instrumented_engines
-
     if not instrumented_engines():
         uninstall()
 

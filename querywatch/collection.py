@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-from querywatch import _guard, _statements
+from querywatch import _callsite, _guard, _statements, fingerprinting
 from querywatch._callsite import Where
 from querywatch.exceptions import FindingsDetected, warn_finding
 from querywatch.exceptions import QueryWatchWarning as QueryWatchWarning  # it lived here
@@ -64,30 +64,26 @@ _fallback_parent: Collector | None = None
 
 _settings = DEFAULT_SETTINGS
 _reporters: list[Callable[[Report], None]] = []
-_default_reporters_installed = False
+#: What runs when a unit of work ends, before its findings are detected: (guard component,
+#: function) - the pool's leak check. Given by `querywatch.instrument()`: this module imports
+#: none of the stages it runs.
+_finishers: list[tuple[str, Callable[[Collector], None]]] = []
+#: The detectors: a finished unit's record -> its findings (given by `querywatch.instrument()`).
+_detectors: list[Callable[[Collector], list[Finding]]] = []
 
 
-_stage_modules: tuple[Any, Any] | None = None
+def add_finisher(component: str, finish: Callable[[Collector], None]) -> None:
+    """Run `finish(collector)` when each unit of work ends, before detection (once, however
+    often it is added). Errors are the guard's, under `component`."""
+    if (component, finish) not in _finishers:
+        _finishers.append((component, finish))
 
 
-def _stages() -> tuple[Any, Any]:
-    """The pool and detection modules (imported on first use: they import this module)."""
-    global _stage_modules
-    if _stage_modules is None:
-        from querywatch import detection, pool
-
-        _stage_modules = (pool, detection)
-    return _stage_modules
-
-
-def _install_default_reporters() -> None:
-    # The structlog reporter is installed on first use, not at import: importing querywatch
-    # (the pytest plugin does, in every suite) must stay cheap.
-    global _default_reporters_installed
-    _default_reporters_installed = True
-    from querywatch import reporting
-
-    reporting.install()
+def add_detector(detect: Callable[[Collector], list[Finding]]) -> None:
+    """Run `detect(collector)` when each unit of work ends: its findings are the unit's (once,
+    however often it is added)."""
+    if detect not in _detectors:
+        _detectors.append(detect)
 
 
 def configure(settings: Settings) -> None:
@@ -95,8 +91,6 @@ def configure(settings: Settings) -> None:
     global _settings
     if not isinstance(settings, Settings):
         raise TypeError(f"configure() takes a querywatch.Settings, got {type(settings).__name__}")
-    from querywatch import _callsite, fingerprinting
-
     _settings = settings
     fingerprinting.configure_cache(settings.fingerprint_cache_size)
     _callsite.set_project_root(settings.project_root)
@@ -788,25 +782,24 @@ def close_unit(
         collector.fold()
     except Exception as exc:
         _guard.internal_error("collector", exc)
-    pool, detection = _stages()
-    try:
-        pool.finish_unit(collector)  # connections still out are leaks, found before detection
-    except Exception as exc:
-        _guard.internal_error("pool", exc)
+    for component, finish in _finishers:  # connections still out are leaks, found first
+        try:
+            finish(collector)
+        except Exception as exc:
+            _guard.internal_error(component, exc)
     findings: list[Finding] = []
-    try:
-        _guard.maybe_fail("detection")
-        findings = detection.detect(collector)
-    except Exception as exc:
-        _guard.internal_error("detection", exc)
+    for detect in _detectors:
+        try:
+            _guard.maybe_fail("detection")
+            findings.extend(detect(collector))
+        except Exception as exc:
+            _guard.internal_error("detection", exc)
     collector.findings = tuple(findings)
     parent = collector.parent
     if parent is not None and (findings or collector.nested_finding_ids):
         parent.nested_finding_ids.update(f.id for f in findings)
         parent.nested_finding_ids.update(collector.nested_finding_ids)
     report = collector.report
-    if not _default_reporters_installed:
-        _install_default_reporters()
     for reporter in tuple(_reporters):
         try:
             _guard.maybe_fail("reporter")

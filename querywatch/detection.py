@@ -30,6 +30,9 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from sqlalchemy.orm import mapperlib
+from sqlalchemy.orm.interfaces import MANYTOONE
+
 from querywatch._callsite import source_line
 from querywatch._statements import is_control, tables_read
 from querywatch.collection import Collector, Duplicate, LazyGroup, Shape, Site
@@ -251,9 +254,6 @@ def _relationship_for(fp: str) -> tuple[str, str] | None:
     if not tables:
         return None
     try:
-        from sqlalchemy.orm import mapperlib
-        from sqlalchemy.orm.interfaces import MANYTOONE
-
         for registry in list(getattr(mapperlib, "_mapper_registries", ())):
             for mapper in list(registry.mappers):
                 for prop in mapper.relationships:
@@ -305,8 +305,6 @@ def _mapped(table: str) -> tuple[str, dict[str, str], tuple[str, ...]] | None:
     """(class name, column -> attribute, primary-key columns) of the mapped class of `table`."""
     table = table.strip('"').rsplit(".", 1)[-1]
     try:
-        from sqlalchemy.orm import mapperlib
-
         registries = list(getattr(mapperlib, "_mapper_registries", ()))
         for registry in registries:
             for mapper in list(registry.mappers):

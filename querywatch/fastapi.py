@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from querywatch import _callsite, _guard, metrics
-from querywatch.collection import _current
+from querywatch import _autoinstrument, metrics
+from querywatch._serialization import install_serialization_hook
 from querywatch.instrumentation import Instrumentation, instrument, sync_engine_of
+from querywatch.middleware import QueryWatchMiddleware
 from querywatch.settings import Settings
 
 try:
@@ -28,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "querywatch.fastapi needs Starlette or FastAPI: pip install 'querywatch[fastapi]'"
     ) from exc
 
-__all__ = ["install_serialization_hook", "metrics_endpoint", "setup"]
+__all__ = ["install_serialization_hook", "metrics_endpoint", "setup"]  # the hook: re-exported
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -60,14 +61,10 @@ def setup(
     instrumentation handles. Call before the app starts serving. `otel=True` (or
     `settings.otel`): the OpenTelemetry bridge, see `querywatch.otel`.
     """
-    from querywatch.middleware import QueryWatchMiddleware
-
     if settings is not None and not isinstance(settings, Settings):
         raise TypeError(f"setup(settings=...) takes a querywatch.Settings, got {settings!r}")
     if engine_or_engines is None:
-        from querywatch._autoinstrument import instrument_all
-
-        handles = instrument_all(settings=settings).instrumentations
+        handles = _autoinstrument.instrument_all(settings=settings).instrumentations
     else:
         handles = [
             instrument(engine, name=name, settings=settings)
@@ -133,56 +130,3 @@ def metrics_endpoint(registry: Any = None) -> Callable[[Request], Awaitable[Resp
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return querywatch_metrics
-
-
-_serialize_hooked = False
-
-
-def _endpoint_site(endpoint_ctx: Any) -> str | None:
-    """`app.py:42 in list_orders (serializing its response)` from FastAPI's endpoint context
-    (FastAPI >= 0.115 passes one to serialize_response), else None."""
-    try:
-        _guard.maybe_fail("fastapi")
-        if isinstance(endpoint_ctx, Mapping):
-            file, line, function = (endpoint_ctx.get(k) for k in ("file", "line", "function"))
-            if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
-                return _callsite.endpoint_site(file, line, function, "serializing its response")
-    except Exception as exc:
-        _guard.internal_error("fastapi", exc)
-    return None
-
-
-def install_serialization_hook() -> None:
-    """Wrap `fastapi.routing.serialize_response` so that what runs inside it (response-model
-    validation from ORM attributes) is the `serialization` phase. Idempotent; does nothing
-    without FastAPI or when FastAPI no longer has the function."""
-    global _serialize_hooked
-    if _serialize_hooked:
-        return
-    try:
-        import fastapi.routing as routing
-    except ImportError:
-        return
-    original = getattr(routing, "serialize_response", None)
-    if original is None or getattr(original, "_querywatch_wrapped", False):
-        _serialize_hooked = True
-        return
-
-    async def serialize_response(*args: Any, **kwargs: Any) -> Any:
-        collector = _current.get()
-        if collector is None:
-            return await original(*args, **kwargs)
-        previous = collector.phase
-        collector.phase = "serialization"
-        token = _callsite.fallback_site.set(_endpoint_site(kwargs.get("endpoint_ctx")))
-        try:
-            return await original(*args, **kwargs)
-        finally:
-            collector.phase = previous
-            _callsite.fallback_site.reset(token)
-
-    serialize_response._querywatch_wrapped = True  # type: ignore[attr-defined]
-    serialize_response.__wrapped__ = original  # type: ignore[attr-defined]
-    with _guard.guard("fastapi"):
-        routing.serialize_response = serialize_response
-    _serialize_hooked = True

@@ -26,10 +26,11 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from querywatch import _guard
+from querywatch import _guard, pool
 from querywatch.collection import STATEMENT_BUCKETS, Collector, Report, add_reporter
 
 __all__ = [
@@ -287,8 +288,8 @@ class QueryWatchMetrics:
                 continue
             child = self._statement_child(shape.pool, shape.operation)
             _add_bucketed(child, buckets, shape.bucket_seconds)
-        for pool, operation, seconds in c.other_pool_durations:
-            self._statement_child(pool, operation).observe(seconds)
+        for pool_name, operation, seconds in c.other_pool_durations:
+            self._statement_child(pool_name, operation).observe(seconds)
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -331,8 +332,6 @@ class PoolMetrics:
         self._observed: Any = None
         if not multiprocess:
             return
-        from prometheus_client import Gauge
-
         r = registry
         self.connections = Gauge(*_POOL_GAUGES["connections"], registry=r,
                                  multiprocess_mode="livesum")  # fmt: skip
@@ -355,8 +354,6 @@ class PoolMetrics:
         when a fresh copy of it was imported). Idempotent."""
         if not self.multiprocess:
             return
-        from querywatch import pool
-
         if self._observed is pool:
             return
         if self._remove_observer is not None:
@@ -375,8 +372,6 @@ class PoolMetrics:
     def collect(self) -> Iterator[Metric]:
         if self.multiprocess:
             return
-        from querywatch import pool
-
         merged: dict[str, tuple[Any, Any]] = {}
         for stats in pool.stats_for_all():
             snapshot, state = stats.snapshot(), stats.state()
@@ -387,12 +382,6 @@ class PoolMetrics:
         yield from self._families(merged)
 
     def _families(self, pools: dict[str, tuple[Any, Any]] | None = None) -> Iterator[Metric]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
         pools = pools or {}
         name, doc, labels = _POOL_GAUGES["connections"]
         connections = GaugeMetricFamily(name, doc, labels=labels)
@@ -531,8 +520,6 @@ _POOL_COUNTERS: dict[str, tuple[str, str, list[str]]] = {
 
 
 def _pool_histograms() -> dict[str, tuple[str, str, tuple[float, ...]]]:
-    from querywatch import pool
-
     return {
         "wait": (
             "querywatch_db_pool_wait_seconds",
@@ -558,8 +545,6 @@ def _bound(bound: float) -> str:
 
 def _merge(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
     """Two engines sharing one `pool` name: their figures add up."""
-    from querywatch import pool
-
     (sa, ta), (sb, tb) = a, b
     stats = sa  # a snapshot: ours to modify
     for attr in _POOL_COUNTERS:

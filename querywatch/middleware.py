@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
@@ -25,7 +26,9 @@ from typing import Any
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from querywatch import _autoinstrument, _guard
+from querywatch import _autoinstrument, _guard, reporting
+from querywatch import metrics as prometheus_metrics
+from querywatch._serialization import install_serialization_hook
 from querywatch.collection import Collector, close_unit, default_settings, open_unit
 from querywatch.settings import Settings
 
@@ -78,15 +81,11 @@ class QueryWatchMiddleware:
         self.app = app
         self.settings = settings
         self.exclude_paths = frozenset(exclude_paths)
-        from querywatch import reporting
-
         reporting.install()
         #: The metrics this app's requests record into: its own registry's, or none.
         self.metrics: tuple[Any, ...] = ()
         if metrics:
-            from querywatch import metrics as metrics_module
-
-            self.metrics = (metrics_module.install(registry),)
+            self.metrics = (prometheus_metrics.install(registry),)
         _install_framework_hooks()
         _autoinstrument.count_checkouts()
 
@@ -382,20 +381,9 @@ def _route_kind(route: Any) -> str:
     return "route"
 
 
-_hooks_installed = False
-
-
 def _install_framework_hooks() -> None:
-    """Tag FastAPI's response-model serialization as the `serialization` phase (once)."""
-    global _hooks_installed
-    if _hooks_installed:
-        return
-    import sys
-
-    if "fastapi" not in sys.modules:
-        return
-    _hooks_installed = True
-    with _guard.guard("middleware"):
-        from querywatch import fastapi as fastapi_glue
-
-        fastapi_glue.install_serialization_hook()
+    """Tag FastAPI's response-model serialization as the `serialization` phase (once; only
+    when the app is a FastAPI app, i.e. FastAPI is imported already)."""
+    if "fastapi" in sys.modules:
+        with _guard.guard("middleware"):
+            install_serialization_hook()

@@ -86,16 +86,16 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from querywatch import _callsite
+from querywatch._engines import Instrumentation, handle_of, sync_engine_of
 from querywatch._guard import guard, internal_error, maybe_fail
 from querywatch.collection import Collector, _current
 from querywatch.findings import ConnectionLeakFinding, finding_id
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from querywatch.instrumentation import Instrumentation
 
 __all__ = [
     "CREATE_BUCKETS",
@@ -291,15 +291,11 @@ class PoolStats:
 
 def stats_for(engine: Engine | AsyncEngine) -> PoolStats | None:
     """The pool statistics of an instrumented engine, or None when it is not instrumented."""
-    from querywatch.instrumentation import _handles, sync_engine_of
-
     sync_engine = sync_engine_of(engine)
     if sync_engine is None:
         return None
-    handle = _handles.get(sync_engine)
-    if handle is None or handle.removed:
-        return None
-    return _stats.get(handle)
+    handle = handle_of(sync_engine)
+    return _stats.get(handle) if handle is not None else None
 
 
 def stats_for_all() -> list[PoolStats]:
@@ -611,8 +607,6 @@ def _install_session_hooks(handle: Instrumentation) -> None:
 
 def _add_session_hooks() -> None:
     global _session_hooks
-    from sqlalchemy.orm import Session
-
     with _session_lock:
         if _session_hooks is None:
             original = Session.__dict__["__init__"]
@@ -633,8 +627,6 @@ def _release_session_hooks() -> None:
 
 def _remove_session_hooks() -> None:
     global _session_hooks
-    from sqlalchemy.orm import Session
-
     with _session_lock:
         if _session_hooks is None:
             return
@@ -741,8 +733,6 @@ def _listen_to_sessions() -> None:
     recording it returns at once, and registering it with the first instrumented engine and
     removing it with the last would change SQLAlchemy's event registry back and forth (the
     lifecycle tests count it). The listener of an earlier copy of this module is replaced."""
-    from sqlalchemy.orm import Session
-
     stale = Session.__dict__.get(_LISTENER_ATTR)
     if (
         stale is not None

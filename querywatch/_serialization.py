@@ -1,0 +1,67 @@
+"""The `serialization` phase: lazy loads fired while FastAPI builds a response model from ORM
+objects (after the endpoint returned) are tagged `phase="serialization"` and credited to the
+endpoint. FastAPI builds responses in `fastapi.routing.serialize_response`, which is wrapped once
+per process; FastAPI is optional, so it is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from querywatch import _callsite, _guard
+from querywatch.collection import _current
+
+__all__ = ["install_serialization_hook"]
+
+_serialize_hooked = False
+
+
+def _endpoint_site(endpoint_ctx: Any) -> str | None:
+    """`app.py:42 in list_orders (serializing its response)` from FastAPI's endpoint context
+    (FastAPI >= 0.115 passes one to serialize_response), else None."""
+    try:
+        _guard.maybe_fail("fastapi")
+        if isinstance(endpoint_ctx, Mapping):
+            file, line, function = (endpoint_ctx.get(k) for k in ("file", "line", "function"))
+            if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
+                return _callsite.endpoint_site(file, line, function, "serializing its response")
+    except Exception as exc:
+        _guard.internal_error("fastapi", exc)
+    return None
+
+
+def install_serialization_hook() -> None:
+    """Wrap `fastapi.routing.serialize_response` so that what runs inside it (response-model
+    validation from ORM attributes) is the `serialization` phase. Idempotent; does nothing
+    without FastAPI or when FastAPI no longer has the function."""
+    global _serialize_hooked
+    if _serialize_hooked:
+        return
+    try:
+        import fastapi.routing as routing
+    except ImportError:
+        return
+    original = getattr(routing, "serialize_response", None)
+    if original is None or getattr(original, "_querywatch_wrapped", False):
+        _serialize_hooked = True
+        return
+
+    async def serialize_response(*args: Any, **kwargs: Any) -> Any:
+        collector = _current.get()
+        if collector is None:
+            return await original(*args, **kwargs)
+        previous = collector.phase
+        collector.phase = "serialization"
+        token = _callsite.fallback_site.set(_endpoint_site(kwargs.get("endpoint_ctx")))
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            collector.phase = previous
+            _callsite.fallback_site.reset(token)
+
+    serialize_response._querywatch_wrapped = True  # type: ignore[attr-defined]
+    serialize_response.__wrapped__ = original  # type: ignore[attr-defined]
+    with _guard.guard("fastapi"):
+        routing.serialize_response = serialize_response
+    _serialize_hooked = True

@@ -1,0 +1,198 @@
+"""The statement hooks: the hot path that times each statement and records it.
+
+Outside a unit of work they cost one ContextVar read. Inside one they time the cursor
+execution and append the statement, its parameters, its call site and its transaction to the
+unit's collector; shapes and parameter hashes are worked out in batches (`Collector.fold`).
+They never decide, log or raise: errors go to the guard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import ExecuteStyle
+
+from querywatch import _callsite, _guard
+from querywatch._engines import Instrumentation
+from querywatch._guard import internal_error
+from querywatch.collection import FOLD_EVERY, Collector, _current
+
+__all__ = ["attach", "record_statement"]
+
+
+#: Transaction serials: a connection's serial changes at every commit and rollback, and two
+#: statements ran in the same transaction when they ran on connections with the same serial.
+_serials = itertools.count(1)
+_INSERTMANYVALUES = ExecuteStyle.INSERTMANYVALUES
+
+
+def _transaction_of(context: Any) -> int | None:
+    """The serial of the transaction `context` runs in, given to its connection now (the first
+    statement on a connection since it was opened, committed or rolled back)."""
+    record = getattr(getattr(context, "_dbapi_connection", None), "_connection_record", None)
+    if record is None:
+        return None
+    serial: int = next(_serials)
+    record._querywatch_txn = serial
+    return serial
+
+
+def _end_transaction(dbapi_connection: Any) -> None:
+    """A commit or rollback on `dbapi_connection` (the pool's proxy): its next statement runs in
+    a new transaction."""
+    record = getattr(dbapi_connection, "_connection_record", None)
+    if record is not None:
+        record._querywatch_txn = next(_serials)
+
+
+def record_statement(
+    collector: Collector,
+    statement: str,
+    parameters: Any,
+    t0: float,
+    seconds: float,
+    source: tuple[str, Any],
+    context: Any,
+) -> None:
+    """Record one executed statement into `collector` (the hot path: count, and one append;
+    shapes, parameter hashes and call-site bookkeeping happen in batches, see
+    `Collector.fold`). The parameters stay referenced until the fold, which keeps only their
+    hash (values only when a unit opted in with `Settings.log_parameters`)."""
+    if _guard.injected_faults:
+        _guard.maybe_fail("engine")
+    if getattr(context, "execute_style", None) is _INSERTMANYVALUES:
+        # insertmanyvalues sends one `execute()` of many rows as several statements, pages of
+        # one execution context: one logical statement, whatever the number of pages. The
+        # context is held weakly (a strong reference would keep its cursor open).
+        last = collector.last_context
+        if last is not None and last() is context:
+            collector.add_page(seconds)
+            return
+        collector.last_context = weakref.ref(context)
+    collector.statements += 1
+    collector.db_seconds += seconds
+    try:
+        txn = context._dbapi_connection._connection_record._querywatch_txn
+    except AttributeError:  # the connection's first statement in this process, or no context
+        txn = _transaction_of(context)
+    pending = collector.pending
+    pending.append(
+        (statement, parameters, t0, seconds, source, _callsite.where_for(statement, 1), txn)
+    )
+    if len(pending) >= FOLD_EVERY:
+        collector.fold()
+
+
+def attach(handle: Instrumentation, engine: Engine) -> None:
+    """Time statements at the dialect's execute methods (the documented `Dialect` interface),
+    and mark transaction ends at its commit and rollback methods.
+
+    SQLAlchemy's cursor events would do, but any engine listener switches every execution to
+    its event-dispatching path, which costs several microseconds per statement even when the
+    listener returns at once. Wrapping the methods of this engine's dialect instance costs one
+    call when no unit of work is running.
+    """
+    dialect = engine.dialect
+    source = (handle.name, dialect)
+    names = ("do_execute", "do_executemany", "do_execute_no_params", "do_commit", "do_rollback")
+    originals = {name: dialect.__dict__.get(name) for name in names}
+
+    def record(
+        collector: Collector,
+        statement: str,
+        parameters: Any,
+        t0: float,
+        context: Any,
+        failed: bool = False,
+    ) -> None:
+        if collector.active and not handle.removed:
+            try:
+                record_statement(
+                    collector, statement, parameters, t0, perf_counter() - t0, source, context
+                )
+                if failed:
+                    collector.failed_statements += 1
+            except Exception as exc:
+                internal_error("engine", exc)
+
+    def timed(execute: Callable[..., Any]) -> Callable[..., Any]:
+        """A recording wrapper of `do_execute` or `do_executemany` (the same signature)."""
+
+        def querywatch_execute(
+            cursor: Any, statement: str, parameters: Any, context: Any = None
+        ) -> Any:
+            collector = _current.get()
+            if collector is None:
+                return execute(cursor, statement, parameters, context)
+            t0 = perf_counter()
+            try:
+                execute(cursor, statement, parameters, context)
+            except BaseException:
+                record(collector, statement, parameters, t0, context, True)
+                raise
+            # The success path is `record()` inlined: one call less per statement.
+            if collector.active and not handle.removed:
+                try:
+                    record_statement(
+                        collector, statement, parameters, t0, perf_counter() - t0, source, context
+                    )
+                except Exception as exc:
+                    internal_error("engine", exc)
+            return None
+
+        return querywatch_execute
+
+    execute_no_params = dialect.do_execute_no_params
+
+    def querywatch_do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> Any:
+        collector = _current.get()
+        if collector is None:
+            return execute_no_params(cursor, statement, context)
+        t0 = perf_counter()
+        try:
+            execute_no_params(cursor, statement, context)
+        except BaseException:
+            record(collector, statement, (), t0, context, True)
+            raise
+        record(collector, statement, (), t0, context)
+        return None
+
+    def ends_transaction(end: Callable[[Any], None], name: str) -> Callable[[Any], None]:
+        def querywatch_end(dbapi_connection: Any) -> None:
+            try:
+                end(dbapi_connection)
+            finally:
+                try:
+                    _end_transaction(dbapi_connection)
+                except Exception as exc:
+                    internal_error("engine", exc)
+
+        querywatch_end.__name__ = f"querywatch_{name}"
+        return querywatch_end
+
+    wrappers: dict[str, Callable[..., Any]] = {
+        "do_execute": timed(dialect.do_execute),
+        "do_executemany": timed(dialect.do_executemany),
+        "do_execute_no_params": querywatch_do_execute_no_params,
+    }
+    for name in ("do_commit", "do_rollback"):
+        wrappers[name] = ends_transaction(getattr(dialect, name), name)
+    for name, wrapper in wrappers.items():
+        setattr(dialect, name, wrapper)
+
+    def restore() -> None:
+        for name, wrapper in wrappers.items():
+            if dialect.__dict__.get(name) is not wrapper:
+                continue  # wrapped again by someone else: ours now passes through (removed)
+            original = originals[name]
+            if original is None:
+                delattr(dialect, name)
+            else:
+                setattr(dialect, name, original)
+
+    handle.on_remove(restore)
