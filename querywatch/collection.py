@@ -1,9 +1,12 @@
-"""Units of work: the collector that SQLAlchemy's events record into, `watch()`, and the `Report`.
+"""Units of work: the collector the statement, ORM and pool hooks record into, `watch()`, and
+the `Report`.
 
-Data flows one way. Listeners record into the collector of the current unit of work (a
-ContextVar, default `None`, set and reset only by `watch()` and the middleware). When the unit
-ends, the detectors turn what was recorded into findings, the report is frozen, and the
-reporters (structlog, Prometheus) receive it.
+Data flows one way. The hooks record into the collector of the current unit of work (a
+ContextVar, default `None`, set and reset only by `watch()`, the middleware and the pytest
+plugin). When the unit ends, the stages it was given run - the pool's leak check, then the
+detectors (`add_finisher`, `add_detector`, wired by `querywatch.instrument()`) - the report is
+final, and the reporters (`add_reporter`: structlog, Prometheus, OpenTelemetry) receive it. This
+module imports none of them.
 
 Nesting: a unit opened inside another is its own unit. Everything it records also counts in
 every enclosing unit (a request's statement count includes the job it ran inline, and a test's
