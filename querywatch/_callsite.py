@@ -92,21 +92,24 @@ def _display(filename: str) -> str:
     return name
 
 
+def _is_library(code: CodeType) -> bool:
+    """`_library(code)`, decided once per code object."""
+    library = _is_library_code.get(code)
+    if library is None:
+        library = _library(code)
+        if len(_is_library_code) < _MAX_CACHED_CODES:
+            _is_library_code[code] = library
+    return library
+
+
 def _locate(frame: FrameType | None) -> tuple[FrameType | None, int, bool]:
     """The first non-library frame from `frame` outwards, its depth from `frame`, and whether it
     was found in the parent greenlet (the asyncio task awaiting SQLAlchemy's greenlet)."""
     depth = 0
-    cache = _is_library_code
     in_parent = False
     while True:
         while frame is not None and depth < _MAX_DEPTH:
-            code = frame.f_code
-            library = cache.get(code)
-            if library is None:
-                library = _library(code)
-                if len(cache) < _MAX_CACHED_CODES:
-                    cache[code] = library
-            if not library:
+            if not _is_library(frame.f_code):
                 return frame, depth, in_parent
             frame = frame.f_back
             depth += 1
@@ -203,17 +206,10 @@ _MAX_CALLER_DEPTH = 64
 def _caller_of(frame: FrameType) -> tuple[FrameType | None, int]:
     """The next user frame outwards from the user frame `frame` (the code that called the
     function holding the call site), and its distance from `frame`; (None, 0) if there is none."""
-    cache = _is_library_code
     caller = frame.f_back
     distance = 1
     while caller is not None and distance <= _MAX_CALLER_DEPTH:
-        code = caller.f_code
-        library = cache.get(code)
-        if library is None:
-            library = _library(code)
-            if len(cache) < _MAX_CACHED_CODES:
-                cache[code] = library
-        if not library:
+        if not _is_library(caller.f_code):
             return caller, distance
         caller = caller.f_back
         distance += 1
@@ -268,28 +264,15 @@ def _frame_at(depth: int) -> FrameType | None:
     return frame
 
 
-def _same(memo: _Memo, skip: int) -> bool:
-    """Whether the stack still has the memo's call site and caller where it found them."""
-    frame: FrameType | None
-    caller: FrameType | None
-    if memo.in_parent:
-        frame = _frame_at(memo.depth)
-        caller = _frame_at(memo.depth + memo.caller_depth) if memo.caller_code else None
-    else:
-        try:
-            frame = sys._getframe(skip + 1 + memo.depth)  # walks in C
-        except ValueError:  # the stack is shallower now
-            return False
-        caller = None
-        if memo.caller_code is not None:
-            try:
-                caller = sys._getframe(skip + 1 + memo.depth + memo.caller_depth)
-            except ValueError:
-                return False
+def _same_in_parent(memo: _Memo) -> bool:
+    """Whether the parent greenlet's stack still has the memo's call site and caller where they
+    were found (the stack of the asyncio task awaiting SQLAlchemy's greenlet)."""
+    frame = _frame_at(memo.depth)
     if frame is None or frame.f_code is not memo.code or frame.f_lasti != memo.lasti:
         return False
     if memo.caller_code is None:
         return True
+    caller = _frame_at(memo.depth + memo.caller_depth)
     return (
         caller is not None
         and caller.f_code is memo.caller_code
@@ -308,9 +291,9 @@ def where_for(key: object, skip: int = 1) -> Where:
     memo = _memos.get(key)
     if memo is not None:
         if memo.in_parent:
-            if _same(memo, skip + 1):
+            if _same_in_parent(memo):
                 return memo.where
-        else:  # `_same()` inlined: this runs for nearly every statement
+        else:  # checked inline: this runs for nearly every statement
             depth = skip + 1 + memo.depth
             try:
                 frame = sys._getframe(depth)  # walks in C

@@ -82,3 +82,11 @@ def seed(session: Session, *, authors: int = 10, books_per_author: int = 3) -> N
 def create_schema(engine: sa.Engine) -> None:
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
+
+
+def seeded(engine: sa.Engine, *, authors: int = 10, books_per_author: int = 3) -> sa.Engine:
+    """`engine` with a fresh schema and the `seed()` data."""
+    create_schema(engine)
+    with Session(engine) as session:
+        seed(session, authors=authors, books_per_author=books_per_author)
+    return engine

@@ -12,21 +12,14 @@ from querywatch import Settings
 from querywatch.collection import current_collector
 from querywatch.findings import NPlusOneFinding
 from tests.callsites import next_line
-from tests.models import Author, Base, Book, Publisher, Tag, create_schema, seed
+from tests.models import Author, Base, Book, Publisher, Tag, create_schema, seed, seeded
 
 STRICT = Settings(n_plus_one_threshold=2)
 
 
-def _seeded(engine: sa.Engine, **kw: int) -> sa.Engine:
-    create_schema(engine)
-    with Session(engine) as session:
-        seed(session, **kw)
-    return engine
-
-
 def test_one_to_many_lazy_loads_are_an_n_plus_one(any_engine: sa.Engine) -> None:
     """Touching `author.books` per author is one finding naming the relationship, line and fix."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("o2m") as report, Session(any_engine) as session:
         for author in session.scalars(sa.select(Author)):
             where = next_line()
@@ -41,7 +34,7 @@ def test_one_to_many_lazy_loads_are_an_n_plus_one(any_engine: sa.Engine) -> None
 
 def test_many_to_one_lazy_loads_suggest_joinedload(any_engine: sa.Engine) -> None:
     """Touching `book.publisher` per book suggests `joinedload(Book.publisher)`."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("m2o") as report, Session(any_engine) as session:
         for book in session.scalars(sa.select(Book)):
             where = next_line()
@@ -55,7 +48,7 @@ def test_many_to_one_lazy_loads_suggest_joinedload(any_engine: sa.Engine) -> Non
 
 def test_many_to_many_lazy_loads_are_an_n_plus_one(any_engine: sa.Engine) -> None:
     """A `secondary` relationship touched per object is flagged like any collection."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("m2m") as report, Session(any_engine) as session:
         for book in session.scalars(sa.select(Book)):
             where = next_line()
@@ -67,7 +60,7 @@ def test_many_to_many_lazy_loads_are_an_n_plus_one(any_engine: sa.Engine) -> Non
 
 def test_nested_n_plus_one_is_one_finding_per_level(sqlite_engine: sa.Engine) -> None:
     """Authors -> books -> chapters gives two findings; the inner fix names the whole path."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     with querywatch.watch("nested") as report, Session(sqlite_engine) as session:
         for author in session.scalars(sa.select(Author)):
             outer = next_line()
@@ -84,7 +77,7 @@ def test_nested_n_plus_one_is_one_finding_per_level(sqlite_engine: sa.Engine) ->
 
 def test_expired_attributes_after_commit_are_an_n_plus_one(any_engine: sa.Engine) -> None:
     """Reading a column of each object after `commit()` reloads them one by one: flagged."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("expired") as report, Session(any_engine) as session:
         authors = session.scalars(sa.select(Author)).all()
         session.commit()
@@ -101,7 +94,7 @@ def test_expired_attributes_after_commit_are_an_n_plus_one(any_engine: sa.Engine
 
 def test_deferred_column_per_object_suggests_undefer(sqlite_engine: sa.Engine) -> None:
     """A column left out by `load_only` and read per object is flagged with `undefer(...)`."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     with querywatch.watch("deferred") as report, Session(sqlite_engine) as session:
         for author in session.scalars(sa.select(Author).options(load_only(Author.id))):
             assert author.name
@@ -112,7 +105,7 @@ def test_deferred_column_per_object_suggests_undefer(sqlite_engine: sa.Engine) -
 
 def test_session_get_loop_is_a_backstop_n_plus_one(any_engine: sa.Engine) -> None:
     """`session.get()` per id is flagged by shape and call site, with a one-query fix."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("get") as report, Session(any_engine) as session:
         for book_id in range(1, 8):
             where = next_line()
@@ -126,7 +119,7 @@ def test_session_get_loop_is_a_backstop_n_plus_one(any_engine: sa.Engine) -> Non
 
 def test_text_query_loop_is_a_backstop_n_plus_one(any_engine: sa.Engine) -> None:
     """A Core `text()` query per item is flagged at its line."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("text") as report, any_engine.connect() as conn:
         for author_id in range(1, 7):
             where = next_line()
@@ -138,7 +131,7 @@ def test_text_query_loop_is_a_backstop_n_plus_one(any_engine: sa.Engine) -> None
 
 def test_insert_loop_is_a_bulk_write_finding(any_engine: sa.Engine) -> None:
     """One INSERT per item is a bulk-write finding suggesting `insert()` with a list, not N+1."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("insert") as report, any_engine.begin() as conn:
         for i in range(6):
             where = next_line()
@@ -152,7 +145,7 @@ def test_insert_loop_is_a_bulk_write_finding(any_engine: sa.Engine) -> None:
 
 def test_eager_loaded_loops_are_not_flagged(any_engine: sa.Engine) -> None:
     """`selectinload` and `joinedload` loops run a fixed number of statements: nothing flagged."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("eager") as report, Session(any_engine) as session:
         stmt = sa.select(Author).options(selectinload(Author.books).selectinload(Book.tags))
         for author in session.scalars(stmt):
@@ -179,7 +172,7 @@ def test_selectinload_batches_over_500_ids_are_not_flagged(sqlite_engine: sa.Eng
 
 def test_chunked_in_batches_are_not_flagged(any_engine: sa.Engine) -> None:
     """A Core loop over chunks of ids with `IN (...)` is batching, not N+1."""
-    _seeded(any_engine)
+    seeded(any_engine)
     ids = list(range(1, 31))
     with querywatch.watch("chunks", settings=STRICT) as report, any_engine.connect() as conn:
         for start in range(0, 30, 5):
@@ -190,7 +183,7 @@ def test_chunked_in_batches_are_not_flagged(any_engine: sa.Engine) -> None:
 
 def test_pagination_walks_are_not_flagged(any_engine: sa.Engine) -> None:
     """LIMIT/OFFSET pages and keyset pages from one line are a walk, not an N+1."""
-    _seeded(any_engine)
+    seeded(any_engine)
     books = Book.__table__
     with querywatch.watch("pages", settings=STRICT) as report, any_engine.connect() as conn:
         for page in range(6):
@@ -205,7 +198,7 @@ def test_pagination_walks_are_not_flagged(any_engine: sa.Engine) -> None:
 
 def test_single_lazy_load_and_short_loops_are_not_flagged(any_engine: sa.Engine) -> None:
     """One lazy load, and a loop of four (below the default threshold of five), are fine."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("short") as report, Session(any_engine) as session:
         first = session.get(Author, 1)
         assert first is not None
@@ -219,7 +212,7 @@ def test_single_lazy_load_and_short_loops_are_not_flagged(any_engine: sa.Engine)
 
 def test_the_threshold_is_a_setting(sqlite_engine: sa.Engine) -> None:
     """With the strict threshold of two, a loop of two is flagged."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     with querywatch.watch("strict", settings=STRICT) as report, Session(sqlite_engine) as session:
         for author in session.scalars(sa.select(Author).where(Author.id <= 2)):
             assert author.books
@@ -228,7 +221,7 @@ def test_the_threshold_is_a_setting(sqlite_engine: sa.Engine) -> None:
 
 def test_savepoints_in_a_loop_are_not_flagged(any_engine: sa.Engine) -> None:
     """SAVEPOINT/RELEASE per item is transaction control, never N+1 or duplicate."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("savepoints", settings=STRICT) as report, Session(any_engine) as session:
         for i in range(6):
             with session.begin_nested():
@@ -240,7 +233,7 @@ def test_savepoints_in_a_loop_are_not_flagged(any_engine: sa.Engine) -> None:
 
 def test_repeated_identical_query_is_a_duplicate_not_an_n_plus_one(any_engine: sa.Engine) -> None:
     """The same statement with the same parameters three times is one duplicate finding."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("dup") as report, any_engine.connect() as conn:
         for _ in range(3):
             where = next_line()
@@ -254,7 +247,7 @@ def test_repeated_identical_query_is_a_duplicate_not_an_n_plus_one(any_engine: s
 
 def test_lazy_n_plus_one_is_not_also_a_backstop_or_duplicate(any_engine: sa.Engine) -> None:
     """The statements of a lazy-load N+1 are reported once, as that relationship's finding."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("once") as report, Session(any_engine) as session:
         for book in session.scalars(sa.select(Book)):
             assert book.author.books
@@ -265,7 +258,7 @@ def test_lazy_n_plus_one_is_not_also_a_backstop_or_duplicate(any_engine: sa.Engi
 
 def test_a_loop_with_distinct_parameters_is_not_a_duplicate(sqlite_engine: sa.Engine) -> None:
     """An N+1 loop reports an N+1, not duplicates."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     with querywatch.watch("distinct") as report, sqlite_engine.connect() as conn:
         for i in range(1, 7):
             conn.execute(sa.text("SELECT name FROM authors WHERE id = :i"), {"i": i})
@@ -274,7 +267,7 @@ def test_a_loop_with_distinct_parameters_is_not_a_duplicate(sqlite_engine: sa.En
 
 def test_finding_ids_are_stable_across_units(sqlite_engine: sa.Engine) -> None:
     """The same problem at the same line has the same id in every unit of work."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     ids = []
     for _ in range(2):
         with querywatch.watch("stable") as report, Session(sqlite_engine) as session:
@@ -286,7 +279,7 @@ def test_finding_ids_are_stable_across_units(sqlite_engine: sa.Engine) -> None:
 
 def test_parameter_values_never_reach_findings(sqlite_engine: sa.Engine) -> None:
     """Findings carry shapes and hashes only, never the bound values."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     secret = "s3cret-value"
     with querywatch.watch("privacy") as report, sqlite_engine.connect() as conn:
         for i in range(6):
@@ -338,7 +331,7 @@ async def test_run_sync_loop_is_flagged_like_sync(any_async_engine: AsyncEngine)
 
 def test_findings_carry_the_phase_of_the_loads(sqlite_engine: sa.Engine) -> None:
     """Lazy loads made while a response is serialised are marked `phase="serialization"`."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     with querywatch.watch("phase") as report, Session(sqlite_engine) as session:
         authors = session.scalars(sa.select(Author)).all()
         collector = current_collector()
@@ -351,7 +344,7 @@ def test_findings_carry_the_phase_of_the_loads(sqlite_engine: sa.Engine) -> None
 
 def test_a_nested_unit_finding_is_also_in_the_enclosing_report(sqlite_engine: sa.Engine) -> None:
     """Lazy loads count in every enclosing unit; the finding is reported by the inner one."""
-    _seeded(sqlite_engine)
+    seeded(sqlite_engine)
     with querywatch.watch("outer") as outer, Session(sqlite_engine) as session:
         session.execute(sa.text("SELECT 1"))
         with querywatch.watch("inner") as inner:

@@ -31,16 +31,9 @@ from querywatch import Settings
 from querywatch.findings import finding_id
 from tests.callsites import next_line
 from tests.conftest import PSYCOPG_URL, require_postgres
-from tests.models import Author, Book, create_schema, seed
+from tests.models import Author, Book, create_schema, seeded
 
 STRICT = Settings(n_plus_one_threshold=2)
-
-
-def _seeded(engine: sa.Engine, **kw: int) -> sa.Engine:
-    create_schema(engine)
-    with Session(engine) as session:
-        seed(session, **kw)
-    return engine
 
 
 # -- duplicates: a re-read after a write is not one ------------------------------------------
@@ -48,7 +41,7 @@ def _seeded(engine: sa.Engine, **kw: int) -> sa.Engine:
 
 def test_get_update_commit_refresh_is_not_a_duplicate(any_engine: sa.Engine) -> None:
     """The CRUD update idiom (get, change, commit, refresh) re-reads in a new transaction."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("update") as report, Session(any_engine) as session:
         author = session.get(Author, 1)
         assert author is not None
@@ -61,7 +54,7 @@ def test_get_update_commit_refresh_is_not_a_duplicate(any_engine: sa.Engine) -> 
 
 def test_attribute_access_after_commit_is_not_a_duplicate(any_engine: sa.Engine) -> None:
     """get, commit, then reading an attribute reloads the expired object: a new transaction."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("expired") as report, Session(any_engine) as session:
         author = session.get(Author, 1)
         assert author is not None
@@ -72,7 +65,7 @@ def test_attribute_access_after_commit_is_not_a_duplicate(any_engine: sa.Engine)
 
 def test_reread_after_a_write_to_its_table_is_not_a_duplicate(any_engine: sa.Engine) -> None:
     """Within one transaction, a read repeated after an UPDATE of its table may see new rows."""
-    _seeded(any_engine)
+    seeded(any_engine)
     query = sa.select(Author.name).where(Author.id == 1)
     with querywatch.watch("write") as report, any_engine.begin() as conn:
         conn.execute(query).all()
@@ -83,7 +76,7 @@ def test_reread_after_a_write_to_its_table_is_not_a_duplicate(any_engine: sa.Eng
 
 def test_reread_after_a_rollback_is_not_a_duplicate(any_engine: sa.Engine) -> None:
     """A read repeated after the transaction was rolled back runs in another transaction."""
-    _seeded(any_engine)
+    seeded(any_engine)
     query = sa.select(Author.name).where(Author.id == 1)
     with querywatch.watch("rollback") as report, any_engine.connect() as conn:
         conn.execute(query).all()
@@ -108,7 +101,7 @@ def pooled_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa
 
 def test_reads_in_two_transactions_are_not_a_duplicate(pooled_engine: sa.Engine) -> None:
     """The same read on two connections at once is two transactions, not a redundant one."""
-    _seeded(pooled_engine)
+    seeded(pooled_engine)
     query = sa.select(Author.name).where(Author.id == 1)
     with (
         querywatch.watch("two") as report,
@@ -122,7 +115,7 @@ def test_reads_in_two_transactions_are_not_a_duplicate(pooled_engine: sa.Engine)
 
 def test_write_to_another_table_leaves_a_duplicate(any_engine: sa.Engine) -> None:
     """A write to a table the read does not touch does not excuse the repeat."""
-    _seeded(any_engine)
+    seeded(any_engine)
     query = sa.select(Author.name).where(Author.id == 1)
     with querywatch.watch("other-table") as report, any_engine.begin() as conn:
         conn.execute(query).all()
@@ -134,7 +127,7 @@ def test_write_to_another_table_leaves_a_duplicate(any_engine: sa.Engine) -> Non
 
 def test_duplicate_names_every_call_site_involved(any_engine: sa.Engine) -> None:
     """A repeat names the first read's line, then the repeat's, and the finding is at the repeat."""
-    _seeded(any_engine)
+    seeded(any_engine)
     query = sa.select(Author).where(Author.id == 1)
     with querywatch.watch("sites") as report, Session(any_engine) as session:
         first = next_line()
@@ -148,7 +141,7 @@ def test_duplicate_names_every_call_site_involved(any_engine: sa.Engine) -> None
 
 def test_refresh_without_a_write_is_a_duplicate_with_its_own_fix(any_engine: sa.Engine) -> None:
     """refresh() again with nothing written since is redundant; the fix says refresh."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("refresh") as report, Session(any_engine) as session:
         author = session.get(Author, 1)
         assert author is not None
@@ -174,7 +167,7 @@ def test_uuid_and_its_string_are_one_value(pg_engine: sa.Engine) -> None:
 def test_polling_reads_with_a_pause_are_not_a_duplicate(any_engine: sa.Engine) -> None:
     """A loop that re-reads until something changes elsewhere, waiting between reads, is not
     redundant: the pause is the point."""
-    _seeded(any_engine)
+    seeded(any_engine)
     query = sa.select(Author.name).where(Author.id == 1)
     with querywatch.watch("poll") as report, any_engine.connect() as conn:
         for _ in range(3):
@@ -189,7 +182,7 @@ def _read_author(session: Session) -> None:
 
 def test_duplicate_in_a_shared_helper_names_its_callers(any_engine: sa.Engine) -> None:
     """When both reads ran in one helper, the finding names the lines that called it."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("helper") as report, Session(any_engine) as session:
         first = next_line()
         _read_author(session)
@@ -205,7 +198,7 @@ def test_duplicate_in_a_shared_helper_names_its_callers(any_engine: sa.Engine) -
 def test_duplicate_lookup_beside_a_lazy_load_n_plus_one_is_found(any_engine: sa.Engine) -> None:
     """A lookup repeated in one request is a duplicate even when an N+1 elsewhere lazy-loads
     the same statement (SQLAlchemy 2.1 renders `get()` and a many-to-one load alike)."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("both") as report, Session(any_engine) as session:
         first = next_line()
         session.get(Author, 10)
@@ -251,7 +244,7 @@ def test_single_row_inserts_in_a_loop_are_a_bulk_write(any_engine: sa.Engine) ->
 
 def test_limit_per_parent_is_an_n_plus_one(any_engine: sa.Engine) -> None:
     """`where(book.author_id == a.id).limit(2)` per author changes its filter: an N+1."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("limit", settings=STRICT) as report, Session(any_engine) as session:
         for author in session.scalars(sa.select(Author)).all():
             where = next_line()
@@ -262,7 +255,7 @@ def test_limit_per_parent_is_an_n_plus_one(any_engine: sa.Engine) -> None:
 
 def test_offset_pages_of_one_result_are_not_flagged(any_engine: sa.Engine) -> None:
     """LIMIT/OFFSET pages of one filtered result are a walk, not a loop."""
-    _seeded(any_engine)
+    seeded(any_engine)
     query = sa.select(Book).where(Book.author_id > 0).order_by(Book.id)
     with querywatch.watch("pages", settings=STRICT) as report, Session(any_engine) as session:
         for page in range(5):
@@ -272,7 +265,7 @@ def test_offset_pages_of_one_result_are_not_flagged(any_engine: sa.Engine) -> No
 
 def test_keyset_pages_are_not_flagged(any_engine: sa.Engine) -> None:
     """Keyset pagination (`id > last ORDER BY id LIMIT n`) walks one result."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("keyset", settings=STRICT) as report, Session(any_engine) as session:
         last = 0
         while True:
@@ -286,7 +279,7 @@ def test_keyset_pages_are_not_flagged(any_engine: sa.Engine) -> None:
 
 def test_in_lists_of_varying_length_per_parent_are_an_n_plus_one(any_engine: sa.Engine) -> None:
     """One `IN (...)` lookup per author with lists of different lengths is a loop."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("in-loop", settings=STRICT) as report, any_engine.connect() as conn:
         for n in range(1, 7):
             where = next_line()
@@ -297,7 +290,7 @@ def test_in_lists_of_varying_length_per_parent_are_an_n_plus_one(any_engine: sa.
 
 def test_selectinload_chunks_are_not_flagged(any_engine: sa.Engine) -> None:
     """selectinload's own chunks of 500 ids are one batched load."""
-    _seeded(any_engine, authors=1200, books_per_author=1)
+    seeded(any_engine, authors=1200, books_per_author=1)
     with querywatch.watch("chunks", settings=STRICT) as report, Session(any_engine) as session:
         authors = session.scalars(sa.select(Author).options(selectinload(Author.books))).all()
     assert len(authors) == 1200
@@ -307,7 +300,7 @@ def test_selectinload_chunks_are_not_flagged(any_engine: sa.Engine) -> None:
 def test_text_statements_with_pasted_ids_are_an_n_plus_one(any_engine: sa.Engine) -> None:
     """Ten `text()` statements with the id pasted in are ten different statements: an N+1,
     not a duplicate."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("pasted", settings=STRICT) as report, any_engine.connect() as conn:
         for i in range(1, 11):
             where = next_line()
@@ -322,7 +315,7 @@ def test_text_statements_with_pasted_ids_are_an_n_plus_one(any_engine: sa.Engine
 
 def test_immediateload_is_named_with_its_relationship(any_engine: sa.Engine) -> None:
     """`immediateload(Author.books)` runs one SELECT per author: named, with selectinload."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("immediate") as report, Session(any_engine) as session:
         where = next_line()
         session.scalars(sa.select(Author).options(immediateload(Author.books))).all()
@@ -400,7 +393,7 @@ def test_finding_ids_ignore_line_numbers() -> None:
 
 def test_generator_expression_is_shown_as_its_function(any_engine: sa.Engine) -> None:
     """A lazy load inside a generator expression is credited to the enclosing function."""
-    _seeded(any_engine)
+    seeded(any_engine)
     with querywatch.watch("genexpr") as report, Session(any_engine) as session:
         authors = session.scalars(sa.select(Author)).all()
         where = next_line()
