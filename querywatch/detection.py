@@ -58,6 +58,8 @@ _CATALOG = re.compile(
 )
 _FROM = re.compile(r'\bfrom\s+("?[\w.]+"?)')
 _WHERE_EQ = re.compile(r'\bwhere\s+(?:"?(\w+)"?\.)?"?(\w+)"?\s*=\s*\?')
+#: The dialect families an allowlist entry written as SQL is read as (None: the conservative one).
+_ALLOWLIST_DIALECTS = (None, "postgresql", "mysql", "sqlite", "mssql", "oracle")
 _TABLE_OF_WRITE = re.compile(r'^\s*(?:insert\s+into|update|delete\s+from)\s+("?[\w.]+"?)')
 
 
@@ -391,8 +393,8 @@ def _subjects(finding: Finding) -> set[str]:
     return subjects
 
 
-def _matches(entry: str, normalised: str, finding: Finding, subjects: set[str]) -> bool:
-    if entry in subjects or normalised in subjects:
+def _matches(entry: str, shapes: set[str], finding: Finding, subjects: set[str]) -> bool:
+    if entry in subjects or not shapes.isdisjoint(subjects):
         return True
     callsite = finding.callsite
     if callsite is None:
@@ -408,7 +410,12 @@ def _apply_allowlist(findings: list[Finding], settings: Settings) -> list[Findin
     entries = settings.allowlist
     if not entries:
         return findings
-    normalised = {entry: fingerprint(entry) for entry in entries}
+    # An entry written as SQL matches the shape of its statement as any dialect reads it (a
+    # PostgreSQL `#>` operator or a MySQL backslash escape read by its own tokenizer).
+    normalised = {
+        entry: {fingerprint(entry, dialect=dialect) for dialect in _ALLOWLIST_DIALECTS}
+        for entry in entries
+    }
     used: set[str] = set()
     kept: list[Finding] = []
     for finding in findings:

@@ -106,3 +106,16 @@ def test_warn_mode_warns_once_per_finding(engine: sa.Engine) -> None:
     """`warn` mode issues one QueryWatchWarning per finding, with the same text."""
     with pytest.warns(QueryWatchWarning, match=r"N\+1: Author\.books ran 10 times"):
         _lazy_loop(engine, Settings(mode="warn"))
+
+
+def test_allowlist_sql_entry_matches_a_postgresql_shape_with_a_hash_operator(
+    pg_engine: sa.Engine,
+) -> None:
+    """An entry written as SQL with PostgreSQL's `#` (XOR) operator matches the PostgreSQL
+    shape, which keeps what follows the `#`."""
+    sql = "SELECT CAST(:a AS int) # 3"
+    settings = Settings(duplicate_threshold=2, allowlist=(sql,))
+    with querywatch.watch("pg-xor", settings=settings) as report, pg_engine.connect() as conn:
+        for _ in range(2):
+            conn.execute(sa.text(sql), {"a": 5}).all()
+    assert report.duplicates == ()
