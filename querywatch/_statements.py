@@ -59,6 +59,8 @@ _MAX_CACHED = 4096
 _MAX_CACHED_LENGTH = 10_000
 #: Where a placeholder is looked at for what precedes it.
 _LOOKBEHIND = 40
+#: The end of a long statement that is searched for LIMIT / OFFSET / keyset placeholders.
+_TAIL = 2_000
 
 Slots = frozenset[int | str]
 _slots_cache: dict[str, Slots] = {}
@@ -122,8 +124,15 @@ def paging_slots(statement: str) -> Slots:
     if slots is not None:
         return slots
     found: set[int | str] = set()
-    for position, match in enumerate(_PLACEHOLDER.finditer(statement)):
-        before = statement[max(0, match.start() - _LOOKBEHIND) : match.start()]
+    text, first = statement, 0
+    if len(statement) > _MAX_CACHED_LENGTH:
+        # A long statement (a huge IN list) is not cached, so this runs per execution: LIMIT,
+        # OFFSET and keyset values sit at its end, so only the tail is looked at, and the
+        # positional placeholders before it are counted in C.
+        head, text = statement[:-_TAIL], statement[-_TAIL:]
+        first = head.count("?") + head.count("%s")
+    for position, match in enumerate(_PLACEHOLDER.finditer(text), first):
+        before = text[max(0, match.start() - _LOOKBEHIND) : match.start()]
         if _PAGING_BEFORE.search(before) is None:
             continue
         named, dollar, colon = match.groups()
@@ -156,6 +165,10 @@ def filter_values(parameters: Any, slots: Slots) -> Any:
 def in_list_length(statement: str, parameters: Any) -> int:
     """How many values the statement's IN lists (or `= ANY(array)` values) hold."""
     length = _in_cache.get(statement)
+    if length is None and len(statement) > _MAX_CACHED_LENGTH:
+        # Not cached, so per execution: the commas stand for the list's length (the rest of
+        # the shape is the same from one execution to the next), counted in C.
+        return statement.count(",") + 1
     if length is None:
         length = sum(group.count(",") + 1 for group in _IN_LIST.findall(statement))
         if len(statement) <= _MAX_CACHED_LENGTH:
