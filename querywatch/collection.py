@@ -431,8 +431,8 @@ class Collector:
             c._fold(pending, innermost)
 
     def _fold(self, pending: list[Pending], innermost: bool) -> None:
-        # `Shape.add` and `Shape.read` written out inline: this loop runs for every statement,
-        # and a method call costs as much as the work it would do.
+        # Counting, call sites and duplicate tracking are written out inline: this loop runs
+        # for every statement, and a method call per step would cost as much as the step.
         shapes = self.shapes
         queries = self.queries
         max_queries = self.max_queries
