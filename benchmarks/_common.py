@@ -1,4 +1,8 @@
-"""What the benchmarks share: the models and the data they run on."""
+"""What the benchmarks share: the models, the data they run on, and the N+1 request.
+
+The benchmarks run as scripts (`python benchmarks/x.py`), with this folder first on `sys.path`:
+they import this module as `_common`.
+"""
 
 from __future__ import annotations
 
@@ -36,3 +40,19 @@ def seed(session: Session, *, authors: int = 20, books_per_author: int = 3) -> N
         ]
         session.add(Author(id=a, name=f"author {a}", books=books))
     session.commit()
+
+
+def build(url: str) -> sa.Engine:
+    """An engine on `url` with fresh tables and the `seed()` data."""
+    engine = sa.create_engine(url)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        seed(session)
+    return engine
+
+
+def request(engine: sa.Engine) -> int:
+    """The 21-statement N+1: every author, then `author.books` lazy-loaded for each."""
+    with Session(engine) as session:
+        return sum(len(author.books) for author in session.scalars(sa.select(Author)))

@@ -18,52 +18,11 @@ import statistics
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from _common import POSTGRES_URL as URL
+from _common import Base, build, request
 
 import querywatch
-from querywatch import _orm
-
-URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Author(Base):
-    __tablename__ = "qw_bench_authors"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-    books: Mapped[list[Book]] = relationship(order_by="Book.id")
-
-
-class Book(Base):
-    __tablename__ = "qw_bench_books"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    title: Mapped[str]
-    author_id: Mapped[int] = mapped_column(sa.ForeignKey("qw_bench_authors.id"))
-
-
-def build(url: str) -> sa.Engine:
-    engine = sa.create_engine(url)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        for a in range(20):
-            session.add(
-                Author(
-                    id=a + 1,
-                    name=f"author {a}",
-                    books=[Book(id=a * 3 + b + 1, title=f"book {b}") for b in range(3)],
-                )
-            )
-        session.commit()
-    return engine
-
-
-def request(engine: sa.Engine) -> int:
-    with Session(engine) as session:
-        return sum(len(author.books) for author in session.scalars(sa.select(Author)))
+from querywatch import _orm, reporting
 
 
 def run(engine: sa.Engine, n: int, watched: bool) -> tuple[float, float]:
@@ -93,14 +52,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--url", default=URL)
     args = parser.parse_args()
-    # Findings are the point here, not their log lines: no reporters.
-    from querywatch import collection
-
-    collection._default_reporters_installed = True
-    collection._reporters.clear()
     bare_engine = build(args.url)
     watched_engine = sa.create_engine(args.url)
     querywatch.instrument(watched_engine)
+    # Findings are the point here, not their log lines: instrument() installed the structlog
+    # reporter, which goes again.
+    reporting.uninstall()
     bare: list[tuple[float, float]] = []
     watched: list[tuple[float, float]] = []
     for _ in range(args.rounds):

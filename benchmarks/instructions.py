@@ -36,10 +36,10 @@ def child(scenario: str, side: str, n: int) -> None:
     """Run one loop (under callgrind); `side` is `bare` or `watch`."""
     import sqlalchemy as sa
     import structlog
+    from _common import Author, Base, seed
     from sqlalchemy.orm import Session
 
     import querywatch
-    from benchmarks._common import Author, Base, seed
 
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)

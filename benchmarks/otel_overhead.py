@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
+from _common import POSTGRES_URL as URL
+from _common import Base, build, request
 from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -44,48 +46,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import querywatch
 import querywatch.fastapi
 import querywatch.otel
-
-URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Author(Base):
-    __tablename__ = "qw_otel_bench_authors"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-    books: Mapped[list[Book]] = relationship(order_by="Book.id")
-
-
-class Book(Base):
-    __tablename__ = "qw_otel_bench_books"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    title: Mapped[str]
-    author_id: Mapped[int] = mapped_column(sa.ForeignKey("qw_otel_bench_authors.id"))
-
-
-def build(url: str) -> sa.Engine:
-    engine = sa.create_engine(url)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        for a in range(20):
-            books = [Book(id=a * 3 + b + 1, title=f"book {b}") for b in range(3)]
-            session.add(Author(id=a + 1, name=f"author {a}", books=books))
-        session.commit()
-    return engine
-
-
-def request(engine: sa.Engine) -> int:
-    with Session(engine) as session:
-        return sum(len(author.books) for author in session.scalars(sa.select(Author)))
+from querywatch import reporting
 
 
 class Sdk:
@@ -319,14 +284,11 @@ def main() -> None:
     parser.add_argument("--url", default=URL)
     parser.add_argument("--stack", action="store_true", help="the whole FastAPI stack instead")
     args = parser.parse_args()
-    # The bridge is what is measured, not log lines: no structlog reporter (the middleware of
-    # --stack installs it again).
-    from querywatch import collection
-
-    collection._default_reporters_installed = True
-    collection._reporters.clear()
     engine = build(args.url)
     querywatch.instrument(engine)
+    # The bridge is what is measured, not log lines: instrument() installed the structlog
+    # reporter, which goes again (the middleware of --stack installs it once more).
+    reporting.uninstall()
     sdk = Sdk()
     print(
         f"SQLAlchemy {sa.__version__}, PostgreSQL (psycopg), {args.rounds} interleaved rounds x "
