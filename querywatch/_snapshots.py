@@ -266,9 +266,9 @@ class Recorder:
         if parent is None:
             return  # a request of another unit of work (another thread's job)
         closed = time.perf_counter()
-        http = finished.http or {}
+        http = finished.http
         end = self.report.statements
-        header = f"{http.get('method', '?')} {http.get('route', finished.name)}"
+        header = f"{http.method} {http.route}" if http is not None else finished.name
         start = max(0, end - finished.statements)
         self.spans.append(Span(start, end, header, closed - finished.duration_seconds, closed))
 

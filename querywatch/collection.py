@@ -298,6 +298,24 @@ class PoolUsage:
 
 
 @dataclass(frozen=True)
+class HttpRequest:
+    """The HTTP request a unit of work served (`Report.http`)."""
+
+    method: str
+    #: the route template (`/authors/{author_id}`), never the raw path
+    route: str
+    #: the raw path, as the client sent it (not a metric label: unbounded)
+    path: str
+    #: the response status; 499 when the client went away first, 500 on an exception
+    status: int
+    request_id: str
+    #: the client disconnected before the response was complete
+    disconnected: bool = False
+    #: the exception class name, when the app raised
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class PoolReport:
     """The pool figures of a unit of work."""
 
@@ -395,7 +413,7 @@ class Collector:
         #: (pool, operation, seconds) of statements whose shape was first seen on another pool
         self.other_pool_durations: list[tuple[str, str, float]] = []
         self.phase = "handler"
-        self.http: dict[str, Any] | None = None
+        self.http: HttpRequest | None = None
         self.findings: tuple[Finding, ...] | None = None
         self.nested_finding_ids: set[str] = set()
         self.report = Report(self)
@@ -715,9 +733,9 @@ class Report:
         return self._of(ConnectionLeakFinding)
 
     @property
-    def http(self) -> dict[str, Any] | None:
-        """method, route, status, request_id of an HTTP request; None for other units."""
-        return dict(self._c.http) if self._c.http is not None else None
+    def http(self) -> HttpRequest | None:
+        """The HTTP request this unit of work served; None for jobs and tests."""
+        return self._c.http
 
     def findings_to_report(self) -> tuple[Finding, ...]:
         """Findings not already reported by a unit of work nested inside this one."""

@@ -224,8 +224,8 @@ class QueryWatchMetrics:
             return
         http = c.http
         if http is not None:
-            route = str(http.get("route"))
-            key = (route, str(http.get("method")))
+            route = http.route
+            key = (route, http.method)
             children = self._request_children.get(key)
             if children is None:
                 children = self._request_children[key] = (

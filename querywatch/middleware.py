@@ -29,7 +29,13 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 from querywatch import _autoinstrument, _guard, reporting
 from querywatch import metrics as prometheus_metrics
 from querywatch._serialization import install_serialization_hook
-from querywatch.collection import Collector, close_unit, default_settings, open_unit
+from querywatch.collection import (
+    Collector,
+    HttpRequest,
+    close_unit,
+    default_settings,
+    open_unit,
+)
 from querywatch.settings import Settings
 
 __all__ = ["UNMATCHED_ROUTE", "QueryWatchMiddleware", "resolve_route"]
@@ -163,18 +169,15 @@ class QueryWatchMiddleware:
                     status = CLIENT_CLOSED_REQUEST
                 route = resolve_route(scope, base_root_path)
                 collector.name = f"{method} {route}"
-                http: dict[str, Any] = {
-                    "method": method,
-                    "route": route,
-                    "status": status,
-                    "request_id": request_id,
-                    "path": scope.get("path", ""),
-                }
-                if disconnected:
-                    http["disconnected"] = True
-                if error is not None:
-                    http["error"] = type(error).__name__
-                collector.http = http
+                collector.http = HttpRequest(
+                    method=method,
+                    route=route,
+                    path=scope.get("path", ""),
+                    status=status,
+                    request_id=request_id,
+                    disconnected=disconnected,
+                    error=type(error).__name__ if error is not None else None,
+                )
                 if not collector.statements and checkouts[0] > collector.pool.checkouts:
                     _silent_request(route)
             except Exception as exc:

@@ -498,8 +498,8 @@ class _Instruments:
         http = report.http
         base: dict[str, Any] = {"querywatch.unit.kind": report.kind}
         if http is not None:
-            route = str(http.get("route"))
-            request = {"http.route": route, "http.request.method": str(http.get("method"))}
+            route = http.route
+            request = {"http.route": route, "http.request.method": http.method}
             self.statements.record(report.statements, request)
             self.db_duration.record(report.db_seconds, request)
             base["http.route"] = route

@@ -78,8 +78,7 @@ def _context(report: Report) -> dict[str, Any]:
     http = report._c.http
     if http is None:
         return {"unit": report.name, "unit_kind": report.kind}
-    return {"route": http.get("route"), "method": http.get("method"),
-            "request_id": http.get("request_id")}  # fmt: skip
+    return {"route": http.route, "method": http.method, "request_id": http.request_id}
 
 
 def log_report(report: Report) -> None:
@@ -138,11 +137,11 @@ def _log_report(report: Report) -> None:
     if timeouts:
         worst = "error"
     fields: dict[str, Any] = {
-        "method": http.get("method"),
-        "route": http.get("route"),
-        "status": http.get("status"),
+        "method": http.method,
+        "route": http.route,
+        "status": http.status,
         "duration_ms": round(report.duration_seconds * 1000, 3),
-        "request_id": http.get("request_id"),
+        "request_id": http.request_id,
         "db_statements": collector.statements,
         "db_ms": round(collector.db_seconds * 1000, 3),
         "findings": len(findings),
@@ -153,11 +152,10 @@ def _log_report(report: Report) -> None:
         "pool_leaked": sum(leak.connections for leak in usage.leaked),
         **_extra_fields(report),
     }
-    if http.get("disconnected"):
+    if http.disconnected:
         fields["disconnected"] = True
-    error = http.get("error")
-    if error is not None:
-        fields["error"] = error
+    if http.error is not None:
+        fields["error"] = http.error
     getattr(_logger, worst)("querywatch.request", **fields)
 
 

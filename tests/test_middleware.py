@@ -4,6 +4,7 @@ exceptions, disconnects and concurrency, on real FastAPI and Starlette apps."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import string
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.web_apps import Boom, asgi_client, fastapi_app, run_statements, starl
 
 
 def _http(reports: list[Report]) -> list[dict[str, Any]]:
-    return [r.http for r in reports if r.http is not None]
+    return [dataclasses.asdict(r.http) for r in reports if r.http is not None]
 
 
 def _with_middleware(app: Any, **kwargs: Any) -> Any:
@@ -39,12 +40,12 @@ async def test_request_is_one_unit_of_work(web_engine: sa.Engine, reports: list[
     (report,) = reports
     assert (report.kind, report.name, report.statements) == ("request", "GET /items/{n}", 4)
     assert report.http is not None
-    assert {k: report.http[k] for k in ("method", "route", "status")} == {
+    assert {k: getattr(report.http, k) for k in ("method", "route", "status")} == {
         "method": "GET",
         "route": "/items/{n}",
         "status": 200,
     }
-    assert report.http["request_id"] == response.headers["x-request-id"]
+    assert report.http.request_id == response.headers["x-request-id"]
 
 
 async def test_lifespan_and_websocket_scopes_pass_through(reports: list[Report]) -> None:
@@ -311,13 +312,13 @@ async def test_concurrent_requests_never_mix_their_counts(
             )
         )
     assert all(r.status_code == 200 for r in responses)
-    by_id = {r.http["request_id"]: r for r in reports if r.http is not None}
+    by_id = {r.http.request_id: r for r in reports if r.http is not None}
     assert len(by_id) == 200
     for i, prefix, n in plan:
         report = by_id[f"r{i}"]
         assert report.statements == n, (i, prefix)
         assert report.http is not None
-        assert report.http["route"] == f"{prefix}/{{n}}"
+        assert report.http.route == f"{prefix}/{{n}}"
 
 
 def test_middleware_keeps_no_per_request_state(sqlite_web_engine: sa.Engine) -> None:

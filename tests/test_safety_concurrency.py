@@ -528,7 +528,7 @@ class Run:
         found: dict[str, Report] = {}
         for report in self.reports:
             if report.http is not None:
-                rid = report.http["request_id"]
+                rid = report.http.request_id
                 assert rid not in found, f"two reports for request {rid}"
                 found[rid] = report
         return found
@@ -701,8 +701,8 @@ def test_each_request_reports_exactly_its_own_statements(run: Run) -> None:
         report = by_id[planned.request_id]
         assert report.http is not None
         got = (
-            report.http["status"],
-            report.http["route"],
+            report.http.status,
+            report.http.route,
             report.statements,
             report.pool.checkouts,
             report.pool.timeouts,
@@ -811,13 +811,9 @@ def test_timed_out_requests_answer_the_apps_own_503(run: Run) -> None:
     }
     by_id = run.by_request_id()
     for rid in [f"wait-{w}" for w in range(SYNC_WAITERS)]:
-        assert by_id[rid].http == {
-            "method": "GET",
-            "route": "/storm/wait",
-            "status": 503,
-            "request_id": rid,
-            "path": "/storm/wait",
-        }
+        assert by_id[rid].http == querywatch.HttpRequest(
+            method="GET", route="/storm/wait", path="/storm/wait", status=503, request_id=rid
+        )
 
 
 def test_the_storm_hits_in_the_middle_of_the_load(run: Run) -> None:

@@ -8,6 +8,7 @@ The realistic suite itself stays as a user writes it: nothing in it knows about 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ class Probe:
             {
                 "name": report.name,
                 "kind": report.kind,
-                "http": report.http,
+                "http": dataclasses.asdict(report.http) if report.http else None,
                 "test": test,
                 "phase": phase,
                 "findings": [_finding(f) for f in report.findings],
