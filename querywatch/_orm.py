@@ -115,7 +115,6 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         # Decided before the load: loading clears the state's expired attributes.
         expired = key in state.expired_attributes
         statements = collector.statements
-        db_seconds = collector.db_seconds
         t0 = perf_counter()
         try:
             result = original(self, state, key, passive)
@@ -130,12 +129,7 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         if collector.statements != statements:
             try:
                 _record_load(
-                    collector,
-                    self,
-                    state,
-                    key,
-                    expired,
-                    collector.db_seconds - db_seconds or perf_counter() - t0,
+                    collector, self, state, key, expired, collector.statements - statements, t0
                 )
             except Exception as exc:
                 internal_error("orm", exc)
@@ -173,9 +167,11 @@ def _describe(impl: Any, state: Any, key: str) -> tuple[Any, str]:
 
 
 def _record_load(
-    collector: Collector, impl: Any, state: Any, key: str, expired: bool, seconds: float
+    collector: Collector, impl: Any, state: Any, key: str, expired: bool, ran: int, t0: float
 ) -> None:
-    """One attribute load that ran SQL: credit it to its relationship (or model) and call site."""
+    """One attribute load that ran SQL (`ran` statements were recorded in the unit while it
+    ran, by this thread and any other writing the same unit): credit it to its relationship
+    (or model) and call site."""
     maybe_fail("orm")
     described = _described.get((impl, state.class_))
     if described is None:
@@ -186,32 +182,36 @@ def _record_load(
     statement: str | None = None
     callsite: str | None = None
     dialect: Any = None
-    if pending:
+    seconds = 0.0
+    if ran == 1 and pending:
         # The load's own SELECT, just recorded with its call site: the same user line that
-        # touched the attribute, so no second stack walk.
+        # touched the attribute, so no second stack walk. Only when it is the one statement
+        # recorded meanwhile: with other threads writing the unit, the last entry may be theirs.
         last = pending[-1]
-        statement, callsite, dialect = last[0], last[5][0], last[4][1]
+        statement, callsite, dialect, seconds = last[0], last[5][0], last[4][1], last[3]
     if callsite is None:
         callsite = _callsite.capture(1)
+        seconds = perf_counter() - t0
     parent = id(state)
     group_key = (f"{pattern}:{subject}", callsite)
     for c in collector.chain:
         if c.closed:
             continue
-        group = c.lazy.get(group_key)
-        if group is None:
-            group = c.lazy[group_key] = LazyGroup(subject, pattern)
-            group.suggestion = _suggestion(pattern, prop, state, subject, key)
-        group.count += 1
-        group.seconds += seconds
-        if len(group.parents) < MAX_DISTINCT_PARENTS:
-            group.parents.add(parent)
-        group.attributes.add(key)
-        phase = c.phase
-        group.phases[phase] = group.phases.get(phase, 0) + 1
-        if not group.fingerprint and statement is not None:
-            # The shape the fold gives the same statement: read as its engine's dialect.
-            group.fingerprint = shape_of(statement, dialect=dialect_key(dialect))[0]
+        with c.lock:  # one unit may be written by several threads
+            group = c.lazy.get(group_key)
+            if group is None:
+                group = c.lazy[group_key] = LazyGroup(subject, pattern)
+                group.suggestion = _suggestion(pattern, prop, state, subject, key)
+            group.count += 1
+            group.seconds += seconds
+            if len(group.parents) < MAX_DISTINCT_PARENTS:
+                group.parents.add(parent)
+            group.attributes.add(key)
+            phase = c.phase
+            group.phases[phase] = group.phases.get(phase, 0) + 1
+            if not group.fingerprint and statement is not None:
+                # The shape the fold gives the same statement: read as its engine's dialect.
+                group.fingerprint = shape_of(statement, dialect=dialect_key(dialect))[0]
 
 
 def _owner_name(prop: Any, fallback: str) -> str:
@@ -288,25 +288,26 @@ def _record_after_close(
         for c in collector.chain:
             if c.closed:
                 continue
-            # Merged as they happen (one entry per finding id, with a count): a loop that
-            # catches the error a million times holds one finding, not a million.
-            recorded = c.after_close
-            for i, seen in enumerate(recorded):
-                if seen.id == fid:
-                    recorded[i] = dataclasses.replace(seen, count=seen.count + 1)
-                    break
-            else:
-                if len(recorded) < MAX_AFTER_CLOSE_FINDINGS:
-                    recorded.append(
-                        LazyLoadAfterCloseFinding(
-                            id=fid,
-                            callsite=callsite,
-                            model=owner,
-                            attribute=key,
-                            error=error,
-                            suggestion=suggestion,
-                            phase=c.phase,
+            with c.lock:  # one unit may be written by several threads
+                # Merged as they happen (one entry per finding id, with a count): a loop that
+                # catches the error a million times holds one finding, not a million.
+                recorded = c.after_close
+                for i, seen in enumerate(recorded):
+                    if seen.id == fid:
+                        recorded[i] = dataclasses.replace(seen, count=seen.count + 1)
+                        break
+                else:
+                    if len(recorded) < MAX_AFTER_CLOSE_FINDINGS:
+                        recorded.append(
+                            LazyLoadAfterCloseFinding(
+                                id=fid,
+                                callsite=callsite,
+                                model=owner,
+                                attribute=key,
+                                error=error,
+                                suggestion=suggestion,
+                                phase=c.phase,
+                            )
                         )
-                    )
     except Exception as internal:
         internal_error("orm", internal)

@@ -9,7 +9,6 @@ They never decide, log or raise: errors go to the guard.
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
-from querywatch import _callsite, _guard
+from querywatch import _guard
+from querywatch._callsite import Where, where_for
 from querywatch._engines import Instrumentation
 from querywatch._guard import internal_error
 from querywatch.collection import FOLD_EVERY, Collector, _current
@@ -58,11 +58,12 @@ def record_statement(
     seconds: float,
     source: tuple[str, Any],
     context: Any,
+    where: Where,
 ) -> None:
-    """Record one executed statement into `collector` (the hot path: count, and one append;
-    shapes, parameter hashes and call-site bookkeeping happen in batches, see
-    `Collector.fold`). The parameters stay referenced until the fold, which keeps only their
-    hash (values only when a unit opted in with `Settings.log_parameters`)."""
+    """Record one executed statement into `collector`: the general path, for what the
+    wrappers' inlined fast path leaves to it (a connection's first statement, insertmanyvalues
+    pages, no execution context, injected faults). The parameters stay referenced until the
+    fold, which keeps only their hash (values only with `Settings.log_parameters`)."""
     if _guard.injected_faults:
         _guard.maybe_fail("engine")
     if getattr(context, "execute_style", None) is _INSERTMANYVALUES:
@@ -73,19 +74,22 @@ def record_statement(
         if last is not None and last() is context:
             collector.add_page(seconds)
             return
-        collector.last_context = weakref.ref(context)
-    collector.statements += 1
-    collector.db_seconds += seconds
+        txn = _transaction_for(context)
+        collector.pending.append((statement, parameters, t0, seconds, source, where, txn))
+        collector.first_page(context)
+    else:
+        txn = _transaction_for(context)
+        collector.pending.append((statement, parameters, t0, seconds, source, where, txn))
+    if len(collector.pending) >= FOLD_EVERY:
+        collector.fold()
+
+
+def _transaction_for(context: Any) -> int | None:
     try:
-        txn = context._dbapi_connection._connection_record._querywatch_txn
+        txn: int | None = context._dbapi_connection._connection_record._querywatch_txn
     except AttributeError:  # the connection's first statement in this process, or no context
         txn = _transaction_of(context)
-    pending = collector.pending
-    pending.append(
-        (statement, parameters, t0, seconds, source, _callsite.where_for(statement, 1), txn)
-    )
-    if len(pending) >= FOLD_EVERY:
-        collector.fold()
+    return txn
 
 
 def attach(handle: Instrumentation, engine: Engine) -> None:
@@ -108,15 +112,23 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
         parameters: Any,
         t0: float,
         context: Any,
+        where: Where,
         failed: bool = False,
     ) -> None:
         if collector.active and not handle.removed:
             try:
                 record_statement(
-                    collector, statement, parameters, t0, perf_counter() - t0, source, context
+                    collector,
+                    statement,
+                    parameters,
+                    t0,
+                    perf_counter() - t0,
+                    source,
+                    context,
+                    where,
                 )
                 if failed:
-                    collector.failed_statements += 1
+                    collector.add_failure()
             except Exception as exc:
                 internal_error("engine", exc)
 
@@ -133,14 +145,28 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
             try:
                 execute(cursor, statement, parameters, context)
             except BaseException:
-                record(collector, statement, parameters, t0, context, True)
+                record(collector, statement, parameters, t0, context, where_for(statement), True)
                 raise
-            # The success path is `record()` inlined: one call less per statement.
+            seconds = perf_counter() - t0
+            # The common case inlined (a clock read, one append): a statement on a connection
+            # that has run one before, not an insertmanyvalues page, no fault injected.
             if collector.active and not handle.removed:
                 try:
-                    record_statement(
-                        collector, statement, parameters, t0, perf_counter() - t0, source, context
-                    )
+                    try:
+                        txn = context._dbapi_connection._connection_record._querywatch_txn
+                        fast = context.execute_style is not _INSERTMANYVALUES
+                    except AttributeError:
+                        fast = False
+                    where = where_for(statement)
+                    if fast and not _guard.injected_faults:
+                        pending = collector.pending
+                        pending.append((statement, parameters, t0, seconds, source, where, txn))
+                        if len(pending) >= FOLD_EVERY:
+                            collector.fold()
+                    else:
+                        record_statement(
+                            collector, statement, parameters, t0, seconds, source, context, where
+                        )
                 except Exception as exc:
                     internal_error("engine", exc)
             return None
@@ -157,9 +183,9 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
         try:
             execute_no_params(cursor, statement, context)
         except BaseException:
-            record(collector, statement, (), t0, context, True)
+            record(collector, statement, (), t0, context, where_for(statement), True)
             raise
-        record(collector, statement, (), t0, context)
+        record(collector, statement, (), t0, context, where_for(statement))
         return None
 
     def ends_transaction(end: Callable[[Any], None], name: str) -> Callable[[Any], None]:

@@ -16,7 +16,9 @@ metrics) once, by the innermost unit that found it.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
@@ -42,7 +44,19 @@ from querywatch.findings import (
 from querywatch.fingerprinting import StatementShape, cache_for, dialect_key, shape_of
 from querywatch.settings import DEFAULT_SETTINGS, Mode, Settings
 
-__all__ = ["Collector", "PoolReport", "Query", "Report", "current_report", "watch"]
+__all__ = [
+    "Collector",
+    "HttpRequest",
+    "PoolReport",
+    "Query",
+    "Report",
+    "ShapeDurations",
+    "StatementDuration",
+    "add_reporter",
+    "configure",
+    "current_report",
+    "watch",
+]
 
 #: Upper bounds of `querywatch_db_statement_duration_seconds`, in seconds.
 STATEMENT_BUCKETS: tuple[float, ...] = (
@@ -206,13 +220,6 @@ class Duplicate:
         #: a clipped repr of the parameters (`Settings.log_parameters` only)
         self.examples: str | None = None
 
-    def repeat(self, run: int, where: Where) -> None:
-        self.redundant += 1
-        if run > self.most:
-            self.most = run
-        if where not in self.wheres and len(self.wheres) < MAX_DUPLICATE_SITES:
-            self.wheres.append(where)
-
 
 class Shape:
     """What one unit of work executed of one statement shape."""
@@ -327,6 +334,29 @@ class PoolReport:
     leaked: int
 
 
+@dataclass(frozen=True)
+class ShapeDurations:
+    """The durations of one statement shape's executions in a unit of work itself (not in
+    the units nested in it), counted per bucket of `STATEMENT_BUCKETS`."""
+
+    pool: str
+    operation: str
+    #: Executions per bucket of `STATEMENT_BUCKETS`, not cumulative, the +Inf bucket last.
+    buckets: tuple[int, ...]
+    #: Total seconds of those executions.
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StatementDuration:
+    """One statement of a unit of work whose shape was first seen on another engine's pool
+    (kept one by one, up to `MAX_OTHER_POOL_DURATIONS`)."""
+
+    pool: str
+    operation: str
+    seconds: float
+
+
 #: One recorded execution, as the hot path appends it: (statement, parameters, start time,
 #: seconds, (pool name, SQLAlchemy dialect), (call site, caller), transaction serial).
 Pending = tuple[str, Any, float, float, tuple[str, Any], Where, "int | None"]
@@ -342,15 +372,18 @@ class Collector:
         "after_close",
         "barrier",
         "chain",
+        "counted",
         "db_clock",
-        "db_seconds",
+        "db_counted",
         "failed_statements",
         "findings",
         "finished",
         "http",
         "kind",
         "last_context",
+        "last_page",
         "lazy",
+        "lock",
         "max_queries",
         "max_shapes",
         "metrics",
@@ -366,7 +399,6 @@ class Collector:
         "settings",
         "shapes",
         "started",
-        "statements",
         "table_writes",
         "untracked_statements",
         "writes",
@@ -389,16 +421,27 @@ class Collector:
         self.active = settings.enabled
         self.max_queries = settings.max_queries
         self.max_shapes = settings.max_shapes
-        self.statements = 0
+        #: Statements and their database time, folded into this unit (its own and, once they
+        #: fold, those of the units nested in it); `statements` adds what is pending.
+        self.counted = 0
+        self.db_counted = 0.0
         self.failed_statements = 0
-        self.db_seconds = 0.0
+        #: Taken by whatever updates this unit other than the statement hook's append: the
+        #: fold, the ORM and pool hooks, the rare paths. Several threads may write one unit (a
+        #: request fanning out with a copied context); the hook's one `list.append` is atomic,
+        #: and everything else is done under this lock, so counts stay exact.
+        self.lock = threading.RLock()
         #: (fingerprint, operation, seconds, pool, call site) of the first `max_queries` statements
         self.queries: list[tuple[str, str, float, str, str | None]] = []
-        #: Statements not folded yet, in execution order.
+        #: Statements not folded yet, in execution order. Only ever appended to by the hook
+        #: and trimmed from the front by the fold: it stays the same list object, so an append
+        #: racing a fold in another thread is never lost.
         self.pending: list[Pending] = []
         #: A weak reference to the execution context of the last insertmanyvalues statement:
         #: the pages of one execution share it.
         self.last_context: Any = None
+        #: Where that statement's entry is: its position counted from the unit's first statement.
+        self.last_page = -1
         self.shapes: dict[str, Shape] = {}
         self.untracked_statements = 0
         #: What the fold has seen so far: database time, writes per table, all writes, and
@@ -422,16 +465,39 @@ class Collector:
     def closed(self) -> bool:
         return self.finished is not None
 
+    @property
+    def statements(self) -> int:
+        """Statements executed, exact (an `executemany` batch counts once)."""
+        return self.counted + len(self.pending)
+
+    @property
+    def db_seconds(self) -> float:
+        """Time spent in the driver executing statements."""
+        return self.db_counted + sum([entry[3] for entry in self.pending])
+
+    def add_failure(self) -> None:
+        with self.lock:
+            self.failed_statements += 1
+
+    def first_page(self, context: Any) -> None:
+        """The statement just appended is the first page of an insertmanyvalues execution."""
+        with self.lock:
+            self.last_context = weakref.ref(context)
+            self.last_page = self.counted + len(self.pending) - 1
+
     def add_page(self, seconds: float) -> None:
-        """Add another page of the last statement's execution (its time, not a statement)."""
-        self.db_seconds += seconds
-        pending = self.pending
-        if pending:
-            last = pending[-1]
-            pending[-1] = (last[0], last[1], last[2], last[3] + seconds, *last[4:])
-        else:  # the first page was folded already: its enclosing units need the time too
-            for c in self.chain[1:]:
-                c.db_seconds += seconds
+        """Add another page of the last insertmanyvalues statement's execution (its time, not
+        a statement)."""
+        with self.lock:
+            pending = self.pending
+            index = self.last_page - self.counted
+            if 0 <= index < len(pending):
+                entry = pending[index]
+                pending[index] = (entry[0], entry[1], entry[2], entry[3] + seconds, *entry[4:])
+            else:  # the first page was folded already: the time is added where it went
+                for c in self.chain:
+                    with c.lock:
+                        c.db_counted += seconds
 
     def fold(self) -> None:
         """Fold the buffered statements into shapes, sites and parameter counts, here and in
@@ -440,68 +506,93 @@ class Collector:
         pending = self.pending
         if not pending:
             return
-        self.pending = []
-        for c in self.chain:
-            innermost = c is self
-            if not innermost:
-                c.statements += len(pending)
-                c.db_seconds += sum(entry[3] for entry in pending)
-            c._fold(pending, innermost)
+        with self.lock:
+            taken = len(pending)
+            if not taken:
+                return
+            batch = pending[:taken]
+            seconds = sum([entry[3] for entry in batch])
+            # Counted before they leave `pending`: a concurrent reader of `statements` never
+            # sees them missing (at most twice, for an instant).
+            self.counted += taken
+            self.db_counted += seconds
+            del pending[:taken]
+            self._fold(batch, True)
+        for c in self.chain[1:]:
+            with c.lock:
+                c.counted += taken
+                c.db_counted += seconds
+                c._fold(batch, False)
 
     def _fold(self, pending: list[Pending], innermost: bool) -> None:
-        # Counting, call sites and duplicate tracking are written out inline: this loop runs
-        # for every statement, and a method call per step would cost as much as the step.
+        # Written out inline: this loop runs for every statement, and a method call per step
+        # would cost as much as the step. A statement that repeats the one before it from the
+        # same place (the body of a loop) reuses its shape and site without looking them up.
         shapes = self.shapes
         queries = self.queries
-        max_queries = self.max_queries
+        room = self.max_queries - len(queries)
         examples: dict[int, str] | None = {} if self.settings.log_parameters else None
         table_writes = self.table_writes
         other_durations = self.other_pool_durations
         clock = self.db_clock
         last_source: Any = None
+        last_statement: Any = None
+        last_where: Any = None
         cache: dict[str, StatementShape] = {}
         dialect: str | None = None
-        pool = ""
+        pool = fingerprint = operation = ""
+        shape: Shape | None = None
+        site: Site | None = None
+        info: ShapeInfo | None = None
+        histogram = False
         for index, (statement, parameters, t0, seconds, source, where, txn) in enumerate(pending):
-            if source is not last_source:
-                last_source = source
-                pool = source[0]
-                dialect = dialect_key(source[1])  # once per fold and engine
-                cache = cache_for(dialect)
-            shaped = cache.get(statement)
-            if shaped is None:
-                shaped = shape_of(statement, dialect=dialect)
-            fingerprint, operation, _ = shaped
-            key = _parameter_key(statement, parameters)
+            if (
+                statement is not last_statement
+                or where is not last_where
+                or source is not last_source
+            ):
+                if source is not last_source:
+                    last_source = source
+                    pool = source[0]
+                    dialect = dialect_key(source[1])  # once per fold and engine
+                    cache = cache_for(dialect)
+                last_statement = statement
+                last_where = where
+                shaped = cache.get(statement)
+                if shaped is None:
+                    shaped = shape_of(statement, dialect=dialect)
+                fingerprint, operation, _ = shaped
+                shape = shapes.get(fingerprint)
+                if shape is None and len(shapes) < self.max_shapes:
+                    shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
+                if shape is not None:
+                    # The shape's own string: the queries of a long statement (too long for
+                    # the fingerprint cache, so fingerprinted anew each time) share one copy.
+                    fingerprint = shape.fingerprint
+                    info = shape.info
+                    sites = shape.sites
+                    site = sites.get(where[0])
+                    if site is None and len(sites) < MAX_CALLSITES:
+                        site = sites[where[0]] = Site(info)
+                    # Durations feed the statement histogram once, from the innermost unit.
+                    histogram = innermost and pool == shape.pool
             before = clock
             clock += seconds
-            shape = shapes.get(fingerprint)
+            if room > 0:
+                queries.append((fingerprint, operation, seconds, pool, where[0]))
+                room -= 1
             if shape is None:
-                if len(shapes) >= self.max_shapes:
-                    self.untracked_statements += 1
-                    if len(queries) < max_queries:
-                        queries.append((fingerprint, operation, seconds, pool, where[0]))
-                    continue
-                shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
-            if len(queries) < max_queries:
-                # The shape's own string: the queries of a long statement (too long for the
-                # fingerprint cache, so fingerprinted anew each time) share one copy.
-                queries.append((shape.fingerprint, operation, seconds, pool, where[0]))
+                self.untracked_statements += 1
+                continue
+            assert info is not None
             shape.count += 1
             shape.seconds += seconds
-            if innermost:
-                # Durations feed the statement histogram once, from the innermost unit.
-                if pool == shape.pool:
-                    shape.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
-                    shape.bucket_seconds += seconds
-                elif len(other_durations) < MAX_OTHER_POOL_DURATIONS:
-                    other_durations.append((pool, operation, seconds))
-            info = shape.info
-            sites = shape.sites
-            callsite = where[0]
-            site = sites.get(callsite)
-            if site is None and len(sites) < MAX_CALLSITES:
-                site = sites[callsite] = Site(info)
+            if histogram:
+                shape.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
+                shape.bucket_seconds += seconds
+            elif innermost and len(other_durations) < MAX_OTHER_POOL_DURATIONS:
+                other_durations.append((pool, operation, seconds))
+            key = _parameter_key(statement, parameters)
             if site is not None:
                 site.count += 1
                 site.seconds += seconds
@@ -554,7 +645,16 @@ class Collector:
                     duplicate = shape.duplicates.get(key)
                     if duplicate is None:
                         duplicate = shape.duplicates[key] = Duplicate(last[3])
-                    duplicate.repeat(run, where)
+                    duplicate.redundant += 1
+                    if run > duplicate.most:
+                        duplicate.most = run
+                    wheres = duplicate.wheres
+                    if (
+                        where is not wheres[-1]
+                        and len(wheres) < MAX_DUPLICATE_SITES
+                        and where not in wheres
+                    ):
+                        wheres.append(where)
                     if examples is not None and duplicate.examples is None:
                         duplicate.examples = _example(examples, pending, index)
             elif len(last_reads) >= MAX_PARAMETER_KEYS:
@@ -615,7 +715,7 @@ class Report:
     """What a unit of work did. Figures read inside the unit are the figures so far; they are
     final once it has ended, and findings exist only then."""
 
-    __slots__ = ("_c",)
+    __slots__ = ("__weakref__", "_c")
 
     def __init__(self, collector: Collector) -> None:
         self._c = collector
@@ -741,6 +841,40 @@ class Report:
         """Findings not already reported by a unit of work nested inside this one."""
         nested = self._c.nested_finding_ids
         return tuple(f for f in self.findings if f.id not in nested)
+
+    @property
+    def shape_durations(self) -> tuple[ShapeDurations, ...]:
+        """Statement durations per shape that ran in this unit itself (a nested unit's
+        statements are its own), for duration histograms."""
+        self._c.fold()
+        return tuple(
+            ShapeDurations(shape.pool, shape.operation, tuple(shape.buckets), shape.bucket_seconds)
+            for shape in self._c.shapes.values()
+            if any(shape.buckets)
+        )
+
+    @property
+    def other_pool_durations(self) -> tuple[StatementDuration, ...]:
+        """Statements of this unit whose shape was first seen on another pool: their pool,
+        operation and duration, one by one (`shape_durations` counts the others)."""
+        self._c.fold()
+        return tuple(StatementDuration(*entry) for entry in self._c.other_pool_durations)
+
+    @property
+    def lazy_loads(self) -> dict[str, int]:
+        """ORM lazy loads by phase (`handler`, `serialization`), those of the units nested in
+        this one included."""
+        totals: dict[str, int] = {}
+        for group in self._c.lazy.values():
+            for phase, count in group.phases.items():
+                totals[phase] = totals.get(phase, 0) + count
+        return totals
+
+    @property
+    def metrics(self) -> tuple[Any, ...] | None:
+        """The Prometheus metrics this unit records into: those of the middleware that served
+        it (or the unit it is nested in); None for every registry metrics were installed in."""
+        return self._c.metrics
 
 
 def current_collector() -> Collector | None:

@@ -433,13 +433,14 @@ def _wrap_pool(
                     entry = (name, now, callsite, None)
                     key = id(record)
                     for c in units:
-                        usage = c.pool
-                        usage.checkouts += 1
-                        usage.wait_seconds += wait
-                        held = usage.held
-                        held[key] = entry
-                        if len(held) > usage.max_held:
-                            usage.max_held = len(held)
+                        with c.lock:  # one unit may be written by several threads
+                            usage = c.pool
+                            usage.checkouts += 1
+                            usage.wait_seconds += wait
+                            held = usage.held
+                            held[key] = entry
+                            if len(held) > usage.max_held:
+                                usage.max_held = len(held)
                 else:
                     units = ()
                 out[record] = (now, units)
@@ -508,8 +509,9 @@ def _timed_out(stats: PoolStats, waited: float) -> None:
         collector = _current.get()
         if collector is not None and collector.active:
             for c in collector.chain:
-                c.pool.timeouts += 1
-                c.pool.wait_seconds += waited
+                with c.lock:
+                    c.pool.timeouts += 1
+                    c.pool.wait_seconds += waited
         if _observers:
             _notify(stats)
     except Exception as exc:

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 import querywatch
-from querywatch import _guard, _statement_hooks
+from querywatch import _guard
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def test_a_failing_hook_does_not_reach_the_application(
     sqlite_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug in the statement hook leaves the query's result intact."""
-    monkeypatch.setattr(_statement_hooks, "record_statement", _broken_record)
+    monkeypatch.setattr(_guard, "injected_faults", frozenset({"engine"}))
     with sqlite_engine.connect() as conn, querywatch.watch("bug"):
         assert conn.exec_driver_sql("SELECT 41 + 1").scalar() == 42
 
@@ -37,7 +37,7 @@ def test_internal_errors_are_counted_per_component(
     sqlite_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every swallowed error is counted under its component."""
-    monkeypatch.setattr(_statement_hooks, "record_statement", _broken_record)
+    monkeypatch.setattr(_guard, "injected_faults", frozenset({"engine"}))
     before = _guard.internal_error_counts().get("engine", 0)
     with sqlite_engine.connect() as conn, querywatch.watch("bug"):
         for _ in range(3):
@@ -50,7 +50,7 @@ def test_internal_errors_are_logged_once_per_interval(
     sqlite_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A hook failing on every statement logs once, not once per statement."""
-    monkeypatch.setattr(_statement_hooks, "record_statement", _broken_record)
+    monkeypatch.setattr(_guard, "injected_faults", frozenset({"engine"}))
     with (
         caplog.at_level(logging.ERROR, logger="querywatch"),
         sqlite_engine.connect() as conn,
@@ -87,7 +87,7 @@ def test_a_failing_user_statement_keeps_its_own_exception(
     sqlite_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When both the database and querywatch fail, the user sees the database's error."""
-    monkeypatch.setattr(_statement_hooks, "record_statement", _broken_record)
+    monkeypatch.setattr(_guard, "injected_faults", frozenset({"engine"}))
     with (
         sqlite_engine.connect() as conn,
         querywatch.watch("both"),
