@@ -249,9 +249,9 @@ class Shape:
         self.buckets = [0] * (len(STATEMENT_BUCKETS) + 1)
         #: total seconds of the executions counted in `buckets` (the histogram's sum)
         self.bucket_seconds = 0.0
-        #: parameter hash -> (state the read saw, end time, database clock at the end, where,
-        #: length of its run of identical reads); values themselves are never kept
-        self.last: dict[int, tuple[tuple[Any, int, int], float, float, Where, int]] = {}
+        #: parameter hash -> (state the read saw, its idle clock - wall time not spent running
+        #: statements, where, length of its run of identical reads); never the values
+        self.last: dict[int, tuple[tuple[Any, int, int], float, Where, int]] = {}
         #: parameter hash -> its redundant repeats
         self.duplicates: dict[int, Duplicate] = {}
         #: call site -> executions there
@@ -526,8 +526,9 @@ class Collector:
 
     def _fold(self, pending: list[Pending], innermost: bool) -> None:
         # Written out inline: this loop runs for every statement, and a method call per step
-        # would cost as much as the step. A statement that repeats the one before it from the
-        # same place (the body of a loop) reuses its shape and site without looking them up.
+        # would cost as much as the step. Consecutive executions of one statement from one place
+        # (the body of a loop) form a run: its shape, site, counters and the state its reads
+        # see are worked out once per run, not once per statement.
         shapes = self.shapes
         queries = self.queries
         room = self.max_queries - len(queries)
@@ -544,13 +545,33 @@ class Collector:
         shape: Shape | None = None
         site: Site | None = None
         info: ShapeInfo | None = None
+        buckets: list[int] = []
         histogram = False
+        last_reads: dict[int, tuple[tuple[Any, int, int], float, Where, int]] = {}
+        duplicates: dict[int, Duplicate] = {}
+        #: the run so far: executions and their seconds, not yet added to shape and site
+        run_count = 0
+        run_seconds = 0.0
+        #: the state the run's reads see (None: not worked out yet), for transaction `state_txn`
+        state: tuple[Any, int, int] | None = None
+        state_txn: Any = None
         for index, (statement, parameters, t0, seconds, source, where, txn) in enumerate(pending):
             if (
                 statement is not last_statement
                 or where is not last_where
                 or source is not last_source
             ):
+                if run_count and shape is not None:
+                    shape.count += run_count
+                    shape.seconds += run_seconds
+                    if histogram:
+                        shape.bucket_seconds += run_seconds
+                    if site is not None:
+                        site.count += run_count
+                        site.seconds += run_seconds
+                run_count = 0
+                run_seconds = 0.0
+                state = None
                 if source is not last_source:
                     last_source = source
                     pool = source[0]
@@ -576,6 +597,9 @@ class Collector:
                         site = sites[where[0]] = Site(info)
                     # Durations feed the statement histogram once, from the innermost unit.
                     histogram = innermost and pool == shape.pool
+                    buckets = shape.buckets
+                    last_reads = shape.last
+                    duplicates = shape.duplicates
             before = clock
             clock += seconds
             if room > 0:
@@ -585,17 +609,21 @@ class Collector:
                 self.untracked_statements += 1
                 continue
             assert info is not None
-            shape.count += 1
-            shape.seconds += seconds
+            run_count += 1
+            run_seconds += seconds
             if histogram:
-                shape.buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
-                shape.bucket_seconds += seconds
+                buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
             elif innermost and len(other_durations) < MAX_OTHER_POOL_DURATIONS:
                 other_durations.append((pool, operation, seconds))
-            key = _parameter_key(statement, parameters)
+            # `_parameter_key`, its common case inlined: a tuple of hashable values, no UUID.
+            if type(parameters) is tuple and UUID not in map(type, parameters):
+                try:
+                    key: int | None = hash((statement, parameters))
+                except TypeError:
+                    key = _parameter_key(statement, parameters)
+            else:
+                key = _parameter_key(statement, parameters)
             if site is not None:
-                site.count += 1
-                site.seconds += seconds
                 if key is not None and len(site.parameter_keys) < MAX_PARAMETER_KEYS:
                     site.parameter_keys.add(key)
                 filters = site.filter_keys
@@ -624,42 +652,54 @@ class Collector:
                 continue
             if key is None:
                 continue
-            # Duplicates: the state this read saw - its transaction, the boundaries sent as
-            # statements, and the writes to the tables it reads.
-            tables = info.tables
-            if not tables:
-                seen = self.writes
-            elif len(tables) == 1:
-                seen = table_writes.get(info.table, 0)
-            else:
-                seen = sum(table_writes.get(table, 0) for table in tables)
-            state = (txn, self.barrier, seen)
-            last_reads = shape.last
+            # Duplicates: a read repeated in the same state - its transaction, the boundaries
+            # sent as statements, the writes to the tables it reads - without a pause between
+            # (idle time: wall time not spent running statements) is redundant. Within a run
+            # nothing is written, so the state changes only with the transaction.
+            if state is None or txn != state_txn:
+                tables = info.tables
+                if not tables:
+                    seen = self.writes
+                elif len(tables) == 1:
+                    seen = table_writes.get(info.table, 0)
+                else:
+                    seen = sum(table_writes.get(table, 0) for table in tables)
+                state = (txn, self.barrier, seen)
+                state_txn = txn
+            idle = t0 - before
             last = last_reads.get(key)
-            run = 1
-            if last is not None:
-                # A repeat in the same state, without a pause (idle time: wall time between
-                # the two reads not spent running statements), is redundant.
-                if last[0] == state and (t0 - last[1]) - (before - last[2]) < POLL_INTERVAL:
-                    run = last[4] + 1
-                    duplicate = shape.duplicates.get(key)
-                    if duplicate is None:
-                        duplicate = shape.duplicates[key] = Duplicate(last[3])
-                    duplicate.redundant += 1
-                    if run > duplicate.most:
-                        duplicate.most = run
-                    wheres = duplicate.wheres
-                    if (
-                        where is not wheres[-1]
-                        and len(wheres) < MAX_DUPLICATE_SITES
-                        and where not in wheres
-                    ):
-                        wheres.append(where)
-                    if examples is not None and duplicate.examples is None:
-                        duplicate.examples = _example(examples, pending, index)
-            elif len(last_reads) >= MAX_PARAMETER_KEYS:
+            if last is None:
+                if len(last_reads) < MAX_PARAMETER_KEYS:
+                    last_reads[key] = (state, idle, where, 1)
                 continue
-            last_reads[key] = (state, t0 + seconds, clock, where, run)
+            if (last[0] is state or last[0] == state) and idle - last[1] < POLL_INTERVAL:
+                run = last[3] + 1
+                duplicate = duplicates.get(key)
+                if duplicate is None:
+                    duplicate = duplicates[key] = Duplicate(last[2])
+                duplicate.redundant += 1
+                if run > duplicate.most:
+                    duplicate.most = run
+                wheres = duplicate.wheres
+                if (
+                    where is not wheres[-1]
+                    and len(wheres) < MAX_DUPLICATE_SITES
+                    and where not in wheres
+                ):
+                    wheres.append(where)
+                if examples is not None and duplicate.examples is None:
+                    duplicate.examples = _example(examples, pending, index)
+                last_reads[key] = (state, idle, where, run)
+            else:
+                last_reads[key] = (state, idle, where, 1)
+        if run_count and shape is not None:
+            shape.count += run_count
+            shape.seconds += run_seconds
+            if histogram:
+                shape.bucket_seconds += run_seconds
+            if site is not None:
+                site.count += run_count
+                site.seconds += run_seconds
         self.db_clock = clock
 
 
@@ -780,6 +820,13 @@ class Report:
         """The first `Settings.max_queries` statements, in order."""
         self._c.fold()
         return tuple(Query(*query) for query in self._c.queries)
+
+    @property
+    def query_rows(self) -> tuple[tuple[str, str, float, str, str | None], ...]:
+        """`queries` as plain tuples `(fingerprint, operation, seconds, pool, callsite)`: the
+        same statements without a `Query` object each (for reporters that keep them)."""
+        self._c.fold()
+        return tuple(self._c.queries)
 
     @property
     def fingerprints(self) -> dict[str, int]:
