@@ -14,6 +14,7 @@ from time import perf_counter
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from querywatch import _guard
@@ -132,8 +133,16 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
             except Exception as exc:
                 internal_error("engine", exc)
 
-    def timed(execute: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(name: str) -> Callable[..., Any]:
         """A recording wrapper of `do_execute` or `do_executemany` (the same signature)."""
+        execute = getattr(dialect, name)
+        # The default methods only call the cursor's method of the same name (`execute`,
+        # `executemany`): when this dialect keeps them, the wrapper calls the cursor itself,
+        # one Python call less per statement.
+        direct = name not in dialect.__dict__ and getattr(type(dialect), name) is getattr(
+            DefaultDialect, name
+        )
+        many = name == "do_executemany"
 
         def querywatch_execute(
             cursor: Any, statement: str, parameters: Any, context: Any = None
@@ -143,7 +152,12 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
                 return execute(cursor, statement, parameters, context)
             t0 = perf_counter()
             try:
-                execute(cursor, statement, parameters, context)
+                if not direct:
+                    execute(cursor, statement, parameters, context)
+                elif many:
+                    cursor.executemany(statement, parameters)
+                else:
+                    cursor.execute(statement, parameters)
             except BaseException:
                 record(collector, statement, parameters, t0, context, where_for(statement), True)
                 raise
@@ -202,8 +216,8 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
         return querywatch_end
 
     wrappers: dict[str, Callable[..., Any]] = {
-        "do_execute": timed(dialect.do_execute),
-        "do_executemany": timed(dialect.do_executemany),
+        "do_execute": timed("do_execute"),
+        "do_executemany": timed("do_executemany"),
         "do_execute_no_params": querywatch_do_execute_no_params,
     }
     for name in ("do_commit", "do_rollback"):
