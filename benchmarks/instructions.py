@@ -15,6 +15,9 @@ Scenarios:
 - `core-distinct`: the same with a new `i` every time.
 - `orm-n-plus-one`: one unit of work per "request": 20 authors, then `author.books` lazy-loaded
   for each (21 statements and one N+1 finding per request).
+- `asgi-one`, `asgi-n-plus-one`: the whole stack per HTTP request - a FastAPI app called over
+  raw ASGI, with and without `querywatch.fastapi.setup(app, engine)` (middleware, detection,
+  pool tracking, Prometheus metrics, structlog): one `session.get()`, or the 21-statement N+1.
 """
 
 from __future__ import annotations
@@ -27,25 +30,80 @@ import subprocess
 import sys
 import tempfile
 
-SCENARIOS = ("core-repeated", "core-distinct", "orm-n-plus-one")
+import sqlalchemy as sa
+from _common import Author, Base, request, seed
+from sqlalchemy.orm import Session
+
+SCENARIOS = ("core-repeated", "core-distinct", "orm-n-plus-one", "asgi-one", "asgi-n-plus-one")
 #: (short, long) loop lengths per scenario.
-LOOPS = {"core-repeated": (500, 2500), "core-distinct": (500, 2500), "orm-n-plus-one": (20, 100)}
+LOOPS = {
+    "core-repeated": (500, 2500),
+    "core-distinct": (500, 2500),
+    "orm-n-plus-one": (20, 100),
+    "asgi-one": (50, 250),
+    "asgi-n-plus-one": (20, 100),
+}
+
+
+def asgi(engine: sa.Engine, side: str, path: str, n: int) -> None:
+    """`n` GET requests to `path` of a FastAPI app (querywatch set up when `side` is `watch`)."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from prometheus_client import CollectorRegistry
+
+    import querywatch.fastapi
+
+    app = FastAPI()
+
+    @app.get("/one")
+    def one() -> dict[str, str]:
+        with Session(engine) as session:
+            author = session.get(Author, 1)
+            return {"name": author.name if author else ""}
+
+    @app.get("/n-plus-one")
+    def n_plus_one() -> dict[str, int]:
+        return {"books": request(engine)}
+
+    if side == "watch":
+        querywatch.fastapi.setup(app, engine, registry=CollectorRegistry())
+
+    async def call() -> None:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+            "query_string": b"", "headers": [], "client": ("127.0.0.1", 1), "server": None,
+        }  # fmt: skip
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, object]) -> None:
+            pass
+
+        for _ in range(n):
+            await app(scope, receive, send)
+
+    asyncio.run(call())
 
 
 def child(scenario: str, side: str, n: int) -> None:
     """Run one loop (under callgrind); `side` is `bare` or `watch`."""
-    import sqlalchemy as sa
     import structlog
-    from _common import Author, Base, seed
-    from sqlalchemy.orm import Session
 
     import querywatch
 
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
-    engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    engine = sa.create_engine(
+        "sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False}
+    )
     Base.metadata.create_all(engine)
     with Session(engine) as session:
         seed(session)
+    if scenario.startswith("asgi-"):
+        asgi(engine, side, "/one" if scenario == "asgi-one" else "/n-plus-one", n)
+        return
     if side == "watch":
         querywatch.instrument(engine)
 
@@ -117,7 +175,7 @@ def main() -> None:
                 long - short
             )
         added = per["watch"] - per["bare"]
-        unit = "request" if scenario == "orm-n-plus-one" else "statement"
+        unit = "statement" if scenario.startswith("core-") else "request"
         print(
             f"{scenario:<16} {unit:<10} {per['bare']:>12,.0f} {per['watch']:>12,.0f} "
             f"{added:>10,.0f} {added / per['bare'] * 100:>6.1f}%"
