@@ -1,7 +1,7 @@
 """The querywatch demo in one command, on a fresh clone with nothing but Python:
 
     python3 examples/run_demo.py            # set up, run the shop, drive traffic, print, exit
-    python3 examples/run_demo.py --serve    # ... then keep serving (Ctrl-C to stop)
+    python3 examples/run_demo.py --serve    # ... then keep serving, with the console (Ctrl-C)
 
 Creates (or reuses) `.venv` at the repository root and installs querywatch with the example's
 requirements into it (the same install as the Dockerfile), then starts the example shop
@@ -109,7 +109,10 @@ def run(*, port: int, serve: bool, use_async: bool) -> int:
     calls_per_round = ASYNC_ROUND if use_async else ROUND
     findings: list[str] = []
     querywatch.add_reporter(lambda report: findings.extend(f.kind for f in report.findings))
-    app = create_app(settings=querywatch.Settings.from_env())
+    settings = querywatch.Settings.from_env()
+    if serve:  # the live console, for a developer at this machine (loopback only)
+        settings = settings.replace(console=True)
+    app = create_app(settings=settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                             access_log=False, lifespan="off")  # fmt: skip
     server = uvicorn.Server(config)
@@ -146,6 +149,7 @@ def run(*, port: int, serve: bool, use_async: bool) -> int:
           f"({', '.join(sorted(set(findings))) or 'none'})", flush=True)  # fmt: skip
     if serve:
         print(f"demo: still serving on {base_url} (/docs, /metrics); Ctrl-C to stop", flush=True)
+        print(f"demo: querywatch console: {base_url}{settings.console_path}/", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             thread.join()
     server.should_exit = True

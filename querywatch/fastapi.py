@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from querywatch import _autoinstrument, metrics
 from querywatch._serialization import install_serialization_hook
+from querywatch.collection import default_settings
 from querywatch.instrumentation import Instrumentation, instrument, sync_engine_of
 from querywatch.middleware import QueryWatchMiddleware
 from querywatch.settings import Settings
@@ -34,6 +35,7 @@ __all__ = ["install_serialization_hook", "metrics_endpoint", "setup"]  # the hoo
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from prometheus_client import CollectorRegistry
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     AnyEngine: TypeAlias = Engine | AsyncEngine
@@ -46,9 +48,10 @@ def setup(
     *,
     metrics_path: str | None = "/metrics",
     settings: Settings | None = None,
-    registry: Any = None,
+    registry: CollectorRegistry | None = None,
     metrics_enabled: bool = True,
     otel: bool = False,
+    console: bool | None = None,
 ) -> list[Instrumentation]:
     """Audit `app` (FastAPI or Starlette): instrument the engines, add the middleware, and
     (unless `metrics_path` is None or `metrics_enabled` is false) serve Prometheus metrics.
@@ -59,7 +62,10 @@ def setup(
     that exist already are not seen. `settings` become the process-wide default. `registry`: the
     Prometheus registry (default prometheus_client's global `REGISTRY`). Returns the engines'
     instrumentation handles. Call before the app starts serving. `otel=True` (or
-    `settings.otel`): the OpenTelemetry bridge, see `querywatch.otel`.
+    `settings.otel`): the OpenTelemetry bridge, see `querywatch.otel`. `console=True` (None:
+    `settings.console`, i.e. `QUERYWATCH_CONSOLE` with `Settings.from_env()`): serve the live
+    console at `settings.console_path` (`app.state.querywatch_console`), see
+    `querywatch.console`.
     """
     if settings is not None and not isinstance(settings, Settings):
         raise TypeError(f"setup(settings=...) takes a querywatch.Settings, got {settings!r}")
@@ -89,12 +95,27 @@ def setup(
             add_route(metrics_path, route.endpoint, methods=["GET"], include_in_schema=False)
         else:  # pragma: no cover - Starlette without add_route
             app.router.routes.append(route)
+    resolved = settings if settings is not None else default_settings()
+    if console if console is not None else resolved.console:
+        _add_console(app, engine_or_engines, resolved)
     install_serialization_hook()
     if otel or (settings is not None and settings.otel):
         from querywatch import _otel_asgi
 
         _otel_asgi.setup(app)
     return handles
+
+
+def _add_console(app: Any, engines: Engines | None, settings: Settings) -> None:
+    """Serve the console in front of the auditing middleware (added after it: outside it)."""
+    from querywatch.console import Console, ConsoleMiddleware
+
+    given = [engine for _, engine in _named_engines(engines)] if engines is not None else []
+    console = Console(settings=settings, engines=given)
+    state = getattr(app, "state", None)
+    if state is not None:
+        state.querywatch_console = console
+    app.add_middleware(ConsoleMiddleware, console=console)
 
 
 def _named_engines(engines: Engines) -> list[tuple[str | None, AnyEngine]]:
@@ -110,7 +131,9 @@ def _named_engines(engines: Engines) -> list[tuple[str | None, AnyEngine]]:
     )
 
 
-def metrics_endpoint(registry: Any = None) -> Callable[[Request], Awaitable[Response]]:
+def metrics_endpoint(
+    registry: CollectorRegistry | None = None,
+) -> Callable[[Request], Awaitable[Response]]:
     """A Starlette endpoint serving `registry` in the Prometheus text format (every worker's
     metrics under `PROMETHEUS_MULTIPROC_DIR`)."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest

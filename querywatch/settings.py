@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from querywatch.exceptions import ConfigError
+
+__all__ = ["DEFAULT_SETTINGS", "LogRequests", "Mode", "Settings"]
 
 Mode = Literal["log", "warn", "raise"]
 LogRequests = Literal["all", "sampled", "findings", "none"]
@@ -21,6 +24,19 @@ _MODES: tuple[str, ...] = get_args(Mode)
 _LOG_REQUESTS: tuple[str, ...] = get_args(LogRequests)
 _ENV_PREFIX = "QUERYWATCH_"
 _CHOICES = {"Mode": _MODES, "LogRequests": _LOG_REQUESTS}
+_CONSOLE_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+#: `Settings.console_editor` shorthands: the URL pattern of a call site in each editor.
+_EDITORS = {
+    "vscode": "vscode://file/{path}:{line}",
+    "pycharm": "pycharm://open?file={path}&line={line}",
+}
+_EDITOR_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_UNSAFE_SCHEMES = frozenset({"javascript", "data", "vbscript", "file", "blob"})
+
+
+def editor_pattern(editor: str | None) -> str | None:
+    """The URL pattern of `Settings.console_editor` (shorthands expanded), or None."""
+    return None if editor is None else _EDITORS.get(editor, editor)
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -133,6 +149,48 @@ class Settings:
         ),
     )
 
+    console: bool = field(
+        default=False,
+        metadata=_doc(
+            "Serve the live console (`querywatch.fastapi.setup()`, or `querywatch.console`): "
+            "the last `console_units` units of work, their statements and findings, per-route "
+            "figures. Off: nothing is recorded for it. Loopback clients only, unless "
+            "`console_token` is set."
+        ),
+    )
+    console_path: str = field(
+        default="/_querywatch",
+        metadata=_doc("Path prefix the console is served under."),
+    )
+    console_units: int = field(
+        default=200,
+        metadata=_doc("Units of work the console keeps (a ring buffer: the oldest go first)."),
+    )
+    console_token: str | None = field(
+        default=None,
+        repr=False,  # a secret: never in a log line or a traceback
+        metadata=_doc(
+            "Token the console requires from every client (`Authorization: Bearer ...`, or "
+            "the cookie set by `<console_path>/login?token=...`); at least 16 characters. "
+            "Unset: only loopback clients are served."
+        ),
+    )
+    console_explain: bool = field(
+        default=False,
+        metadata=_doc(
+            "Development only: run `EXPLAIN` for a captured SELECT from the console (read-only "
+            "transaction, rolled back). Needs `log_parameters` (plans show the values)."
+        ),
+    )
+    console_editor: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Call sites in the console link to your editor: `vscode`, `pycharm`, or a URL "
+            "pattern with `{path}` and `{line}` (`idea://open?file={path}&line={line}`). "
+            "Unset: plain text."
+        ),
+    )
+
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ConfigError("mode", f"must be one of {', '.join(_MODES)}, got {self.mode!r}")
@@ -148,6 +206,7 @@ class Settings:
             ("max_shapes", 1),
             ("fingerprint_cache_size", 0),
             ("max_sql_length", 80),
+            ("console_units", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -164,6 +223,8 @@ class Settings:
             "report_stale_allowlist",
             "otel",
             "otel_finding_spans",
+            "console",
+            "console_explain",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
@@ -175,6 +236,43 @@ class Settings:
         header = self.request_id_header
         if not isinstance(header, str) or not header or not header.isascii() or " " in header:
             raise ConfigError("request_id_header", f"must be an HTTP header name, got {header!r}")
+        self._check_console()
+
+    def _check_console(self) -> None:
+        path = self.console_path
+        if not isinstance(path, str) or not _CONSOLE_PATH.fullmatch(path):
+            raise ConfigError(
+                "console_path",
+                f"must start with '/' and hold only letters, digits and -._~/ (no trailing "
+                f"'/'), got {path!r}",
+            )
+        token = self.console_token
+        if token is not None and (
+            not isinstance(token, str) or len(token) < 16 or not token.isascii()
+        ):
+            raise ConfigError(
+                "console_token", "must be a string of at least 16 ASCII characters (or unset)"
+            )
+        if self.console_explain and not self.log_parameters:
+            raise ConfigError(
+                "console_explain",
+                "needs log_parameters=True: EXPLAIN runs a statement with its bound values, "
+                "and plans show them",
+            )
+        editor = self.console_editor
+        if editor is not None:
+            pattern = _EDITORS.get(editor, editor) if isinstance(editor, str) else None
+            if (
+                pattern is None
+                or "{path}" not in pattern
+                or not _EDITOR_URL.match(pattern)
+                or pattern.split(":", 1)[0].lower() in _UNSAFE_SCHEMES
+            ):
+                raise ConfigError(
+                    "console_editor",
+                    f"must be {', '.join(_EDITORS)} or a URL pattern with {{path}} (and "
+                    f"{{line}}), e.g. 'vscode://file/{{path}}:{{line}}', got {editor!r}",
+                )
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (validated like the original)."""
