@@ -29,15 +29,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
-import statistics
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
-from _common import POSTGRES_URL as URL
-from _common import Base, build, request
+from _common import (
+    POSTGRES_URL,
+    Base,
+    asgi_get,
+    build,
+    interleaved,
+    print_ratio,
+    request,
+    timed,
+)
 from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -63,19 +69,6 @@ class Sdk:
         self.meter_provider = MeterProvider(
             metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False
         )
-
-
-def timed(loop: Callable[[], None]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of `loop`, with the collector off."""
-    gc.collect()
-    gc.disable()
-    try:
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        loop()
-        return time.perf_counter() - t0, time.process_time() - c0
-    finally:
-        gc.enable()
 
 
 def unit_loop(engine: sa.Engine, tracer: trace.Tracer, n: int) -> Callable[[], None]:
@@ -107,19 +100,11 @@ def compare(
     on: Callable[[], tuple[float, float]],
 ) -> None:
     off(), on()  # warm-up: connections, compiled caches, instruments
-    results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    for r in range(rounds):
-        for enabled in (False, True) if r % 2 == 0 else (True, False):
-            results[enabled].append((on if enabled else off)())
+    results = interleaved(rounds, {"off": off, "on": on})
     for name, index in (("wall", 0), ("cpu ", 1)):
-        b = [t[index] / n for t in results[False]]
-        w = [t[index] / n for t in results[True]]
-        ratios = sorted(wi / bi for wi, bi in zip(w, b, strict=True))
-        print(
-            f"{label:<22} {name} off {min(b) * 1e6:8.1f} µs/request (best), on "
-            f"{min(w) * 1e6:8.1f}: {(min(w) / min(b) - 1) * 100:+5.1f} % best-vs-best, "
-            f"{(statistics.median(ratios) - 1) * 100:+5.1f} % median of paired rounds"
-        )
+        b = [t[index] / n for t in results["off"]]
+        w = [t[index] / n for t in results["on"]]
+        print_ratio(f"{label:<22} {name}", b, w, per="request", names=("off", "on"))
 
 
 def bench_units(args: argparse.Namespace, engine: sa.Engine, sdk: Sdk) -> None:
@@ -150,7 +135,10 @@ def bench_units(args: argparse.Namespace, engine: sa.Engine, sdk: Sdk) -> None:
 
 def bench_parts(args: argparse.Namespace, engine: sa.Engine, sdk: Sdk) -> None:
     """The bridge's own work, each part timed alone against the same loop without it."""
-    sdk_providers = {"tracer_provider": sdk.tracer_provider, "meter_provider": sdk.meter_provider}
+    sdk_providers: dict[str, Any] = {
+        "tracer_provider": sdk.tracer_provider,
+        "meter_provider": sdk.meter_provider,
+    }
     for label, tracer, providers in (
         ("sdk", sdk.tracer_provider.get_tracer("bench"), sdk_providers),
         ("api only", trace.get_tracer("bench"), {}),
@@ -195,13 +183,17 @@ def time_parts(label: str, tracer: trace.Tracer, engine: sa.Engine, sdk: Sdk, ro
         ("log fields, per unit", lambda: spans(lambda: None),
          lambda: spans(lambda: querywatch.otel.trace_fields(report))),
     )  # fmt: skip
+
+    def cpu(loop: Callable[[], None]) -> float:
+        sdk.spans.clear()
+        return timed(loop)[1]
+
     for name, without, with_it in parts:
-        best = {False: float("inf"), True: float("inf")}
-        for r in range(rounds):
-            for on in (False, True) if r % 2 == 0 else (True, False):
-                sdk.spans.clear()
-                best[on] = min(best[on], timed(with_it if on else without)[1])
-        print(f"{label:<9} {name:<36} +{(best[True] - best[False]) / n * 1e6:6.1f} µs CPU")
+        cpus = interleaved(
+            rounds, {"without": partial(cpu, without), "with": partial(cpu, with_it)}
+        )
+        added = min(cpus["with"]) - min(cpus["without"])
+        print(f"{label:<9} {name:<36} +{added / n * 1e6:6.1f} µs CPU")
 
 
 def bench_stack(args: argparse.Namespace, url: str, sdk: Sdk) -> None:
@@ -224,24 +216,8 @@ def bench_stack(args: argparse.Namespace, url: str, sdk: Sdk) -> None:
         querywatch.otel.disable()  # toggled per round below
         return application
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": "/nplus1", "raw_path": b"/nplus1", "query_string": b"",
-             "root_path": "", "headers": [(b"host", b"bench")], "server": ("bench", 80),
-             "client": ("127.0.0.1", 1)}  # fmt: skip
-
     async def call(application: Any) -> None:
-        status = 0
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-
-        await application(dict(scope), receive, send)
-        assert status == 200
+        assert await asgi_get(application, "/nplus1") == 200
 
     import os
 
@@ -281,7 +257,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--url", default=URL)
+    parser.add_argument("--url", default=POSTGRES_URL)
     parser.add_argument("--stack", action="store_true", help="the whole FastAPI stack instead")
     args = parser.parse_args()
     engine = build(args.url)

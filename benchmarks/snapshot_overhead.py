@@ -32,35 +32,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from _common import interleaved, paired_ratios
 
 CONFTEST = """
 import pytest
 import sqlalchemy as sa
+from _common import Author, reset
 from fastapi import FastAPI
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import Session
 
 import querywatch
 from querywatch.middleware import QueryWatchMiddleware
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Author(Base):
-    __tablename__ = "authors"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-    books: Mapped[list["Book"]] = relationship(order_by="Book.id")
-
-
-class Book(Base):
-    __tablename__ = "books"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    title: Mapped[str]
-    author_id: Mapped[int] = mapped_column(sa.ForeignKey("authors.id"))
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +55,7 @@ def engine():
         "sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False}
     )
     querywatch.instrument(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        for a in range(1, 11):
-            books = [Book(id=a * 10 + b, title=f"book {b}") for b in range(3)]
-            session.add(Author(id=a, name=f"author {a}", books=books))
-        session.commit()
+    reset(engine, authors=10)
     yield engine
     engine.dispose()
 
@@ -105,7 +86,7 @@ MODULES = {
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import selectinload
-from conftest import Author, Book
+from _common import Author, Book
 
 @pytest.mark.parametrize("i", range(50))
 def test_eager(session, i):
@@ -116,7 +97,7 @@ def test_eager(session, i):
     "test_lazy": """
 import pytest
 import sqlalchemy as sa
-from conftest import Author
+from _common import Author
 
 @pytest.mark.parametrize("i", range(50))
 def test_lazy(session, i):
@@ -126,7 +107,7 @@ def test_lazy(session, i):
     "test_writes": """
 import pytest
 import sqlalchemy as sa
-from conftest import Author, Book
+from _common import Author, Book
 
 @pytest.mark.parametrize("i", range(50))
 def test_write(session, i):
@@ -164,6 +145,14 @@ CONFIGS = {
     "snapshot": ("--querywatch-fail-on=connection_leak", "--querywatch-snapshot"),
 }
 _SESSION_SECONDS = re.compile(r" in ([0-9.]+)s")
+#: The suite's environment: it imports its models from `_common`, beside this file.
+ENV = {
+    **os.environ,
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")])
+    ),
+}
 
 
 def write_suite(root: Path) -> None:
@@ -188,7 +177,7 @@ def run(root: Path, args: tuple[str, ...]) -> tuple[float, float, float]:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        env=ENV,
     )
     wall = time.perf_counter() - started
     cpu = _children_cpu() - cpu
@@ -222,6 +211,7 @@ def profile(root: Path) -> tuple[float, float]:
         cwd=root,
         capture_output=True,
         check=True,
+        env=ENV,
     )
     stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]]
     stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
@@ -248,11 +238,9 @@ def main() -> None:
         records = sorted(root.glob("*.querywatch.yml"))
         lines = sum(len(path.read_text().splitlines()) for path in records)
         print(f"200 tests, {len(records)} record files ({lines} lines); {options.rounds} rounds")
-        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in CONFIGS}
-        for index in range(options.rounds):
-            order = list(CONFIGS) if index % 2 == 0 else list(reversed(CONFIGS))
-            for name in order:
-                times[name].append(run(root, CONFIGS[name]))
+        times = interleaved(
+            options.rounds, {name: partial(run, root, args) for name, args in CONFIGS.items()}
+        )
         metrics = (("cpu", 0), ("wall", 1), ("session", 2))
         for name in CONFIGS:
             medians = ", ".join(
@@ -267,9 +255,9 @@ def main() -> None:
         )
         for base, other in (("fail-on", "snapshot"), ("off", "snapshot"), ("off", "fail-on")):
             for label, index in metrics:
-                ratios = [
-                    b[index] / a[index] for a, b in zip(times[base], times[other], strict=True)
-                ]
+                ratios = paired_ratios(
+                    [t[index] for t in times[base]], [t[index] for t in times[other]]
+                )
                 print(
                     f"{other} vs {base} ({label}): median {statistics.median(ratios) - 1:+.1%}, "
                     f"range {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%}"

@@ -10,13 +10,14 @@ structlog renders every event as JSON into a null sink (default settings: each N
 logs its finding and its request event; `--log-requests all` logs every request, about a third
 slower), Prometheus records into a fresh `CollectorRegistry`.
 
-Runs on SQLite (sync sqlite + aiosqlite, one file) and on PostgreSQL (psycopg + asyncpg;
-skipped, saying so, when nothing answers at `--dsn`). Every 10,000 requests it prints: requests
-done, tracemalloc current size, the same without the contents of querywatch's bounded caches
-(they fill and empty by design; their entry counts are checked against their bounds instead),
-RSS, the fingerprint cache size, the call-site memo and code caches, and the internal error
-counts. Then a single `querywatch.watch()` unit runs 100,000 statements; its exact statement
-count and the memory it held (tracemalloc peak above the start) are printed.
+Runs on SQLite (sync sqlite + aiosqlite, one file) and on PostgreSQL (psycopg + asyncpg, at
+`--dsn`, by default QUERYWATCH_BENCH_DSN; skipped, saying so, when nothing answers there).
+Every 10,000 requests it prints: requests done, tracemalloc current size, the same without the
+contents of querywatch's bounded caches (they fill and empty by design; their entry counts are
+checked against their bounds instead), RSS, the fingerprint cache size, the call-site memo and
+code caches, and the internal error counts. Then a single `querywatch.watch()` unit runs 100,000
+statements; its exact statement count and the memory it held (tracemalloc peak above the start)
+are printed.
 
 Verdict (exit 1 when any fails): growth from the `--warmup` mark (20,000 requests) to the end
 under 1 MB (tracemalloc, net of the bounded caches); no internal error; every cache within its
@@ -49,38 +50,24 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from _common import DSN, Author, Base, Book, postgres_url, reset
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
 import querywatch
 import querywatch.fastapi
 from querywatch import _callsite, _guard, _orm, fingerprinting
 from querywatch.collection import current_collector
 
-DSN = os.environ.get("QUERYWATCH_BENCH_DSN", "postgres@127.0.0.1:5432/test")
 AUTHORS = 2_000
 BOOKS_PER_AUTHOR = 3
 MB = 1024 * 1024
 
-
-class Base(AsyncAttrs, DeclarativeBase):
-    pass
-
-
-class Author(Base):
-    __tablename__ = "soak_authors"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-    books: Mapped[list[Book]] = relationship(order_by="Book.id")
-
-
-class Book(Base):
-    __tablename__ = "soak_books"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    author_id: Mapped[int] = mapped_column(sa.ForeignKey("soak_authors.id"), index=True)
-    title: Mapped[str]
+# With 6,000 books, each lazy load of `Author.books` wants an index (the other benchmarks' few
+# books do without).
+sa.Index("ix_bench_books_author_id", Book.author_id)
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -101,7 +88,7 @@ ROUTES = {
 def legacy_sql(value: int) -> str:
     # Old code that inlines values: a new statement string per value, one shape.
     return (
-        f"SELECT id, title FROM soak_books WHERE id = {value % (AUTHORS * BOOKS_PER_AUTHOR) + 1} "
+        f"SELECT id, title FROM bench_books WHERE id = {value % (AUTHORS * BOOKS_PER_AUTHOR) + 1} "
         f"OR title = 'legacy {value}'"
     )
 
@@ -302,7 +289,10 @@ def cache_content_bytes() -> int:
     for statement, memo in list(_callsite._memos.items()):
         add(statement)
         add(memo)
-        add(memo.text)
+        add(memo.where)  # (the statement's frame, its caller's), formatted
+        for frame in memo.where:
+            if frame is not None:
+                add(frame)
     add(_callsite._memos)
     return total
 
@@ -433,23 +423,6 @@ def verdict_memory(run: Run, warmup: int, budget: int) -> None:
 # -- backends --------------------------------------------------------------------------------
 
 
-def seed_database(engine: sa.Engine) -> None:
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(
-            sa.insert(Author), [{"id": i, "name": f"author {i}"} for i in range(1, AUTHORS + 1)]
-        )
-        conn.execute(
-            sa.insert(Book),
-            [
-                {"id": (a - 1) * BOOKS_PER_AUTHOR + b + 1, "author_id": a, "title": f"book {b}"}
-                for a in range(1, AUTHORS + 1)
-                for b in range(BOOKS_PER_AUTHOR)
-            ],
-        )
-
-
 def postgres_answers(dsn: str) -> bool:
     hostport = dsn.split("@", 1)[-1].split("/", 1)[0]
     host, _, port = hostport.partition(":")
@@ -466,15 +439,15 @@ def engines(backend: str, dsn: str, workdir: str) -> tuple[sa.Engine, AsyncEngin
         engine = sa.create_engine(f"sqlite:///{path}", pool_size=8)
         async_engine = create_async_engine(f"sqlite+aiosqlite:///{path}", pool_size=8)
     else:
-        engine = sa.create_engine(f"postgresql+psycopg://{dsn}", pool_size=8)
-        async_engine = create_async_engine(f"postgresql+asyncpg://{dsn}", pool_size=8)
+        engine = sa.create_engine(postgres_url("psycopg", dsn), pool_size=8)
+        async_engine = create_async_engine(postgres_url("asyncpg", dsn), pool_size=8)
     return engine, async_engine
 
 
 async def soak(backend: str, args: argparse.Namespace, workdir: str) -> list[str]:
     print(f"\n== {backend}: {args.requests:,} requests, {args.concurrency} in flight ==")
     engine, async_engine = engines(backend, args.dsn, workdir)
-    seed_database(engine)
+    reset(engine, authors=AUTHORS, books_per_author=BOOKS_PER_AUTHOR)
     registry = CollectorRegistry()
     sink = NullSink()
     structlog.configure(

@@ -15,60 +15,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import statistics
-import time
+from functools import partial
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
 import structlog
+from _common import DSN, Author, asgi_get, interleaved, paired_ratios, postgres_url, reset, timed
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
 import querywatch.fastapi
 
-DSN = os.environ.get("QUERYWATCH_BENCH_DSN", "postgres@127.0.0.1:5432/test")
-
-
-class Base(AsyncAttrs, DeclarativeBase):
-    pass
-
-
-class Author(Base):
-    __tablename__ = "stack_bench_authors"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-    books: Mapped[list[Book]] = relationship(order_by="Book.id")
-
-
-class Book(Base):
-    __tablename__ = "stack_bench_books"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    author_id: Mapped[int] = mapped_column(sa.ForeignKey("stack_bench_authors.id"))
-    title: Mapped[str]
-
 
 def prepare(dsn: str) -> None:
-    engine = sa.create_engine(f"postgresql+psycopg://{dsn}")
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        for a in range(20):
-            author = Author(id=a + 1, name=f"author {a}")
-            author.books = [Book(id=a * 10 + b, title=f"book {b}") for b in range(2)]
-            session.add(author)
-        session.commit()
+    engine = sa.create_engine(postgres_url("psycopg", dsn))
+    reset(engine, authors=20, books_per_author=2)
     engine.dispose()
 
 
 def build(dsn: str, kind: str, watched: bool) -> FastAPI:
     app = FastAPI()
     if kind == "sync":
-        engine: Any = sa.create_engine(f"postgresql+psycopg://{dsn}", pool_size=5)
+        engine: Any = sa.create_engine(postgres_url("psycopg", dsn), pool_size=5)
 
         @app.get("/one")
         def one() -> dict[str, Any]:
@@ -82,7 +55,7 @@ def build(dsn: str, kind: str, watched: bool) -> FastAPI:
                 return [len(a.books) for a in authors]
 
     else:
-        engine = create_async_engine(f"postgresql+asyncpg://{dsn}", pool_size=5)
+        engine = create_async_engine(postgres_url("asyncpg", dsn), pool_size=5)
 
         @app.get("/one")
         async def one_async() -> dict[str, Any]:
@@ -101,17 +74,6 @@ def build(dsn: str, kind: str, watched: bool) -> FastAPI:
     return app
 
 
-async def measure(client: Any, path: str, n: int) -> float:
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            await client(path)
-        return (time.perf_counter() - t0) / n
-    finally:
-        gc.enable()
-
-
 def http_client(app: FastAPI) -> Any:
     transport = httpx.ASGITransport(app=app)
     client = httpx.AsyncClient(transport=transport, base_url="http://bench")
@@ -125,28 +87,13 @@ def http_client(app: FastAPI) -> Any:
 
 def raw_client(app: FastAPI) -> Any:
     async def get(path: str) -> None:
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-                 "query_string": b"", "root_path": "", "headers": [(b"host", b"bench")],
-                 "server": ("bench", 80), "client": ("127.0.0.1", 1)}  # fmt: skip
-        status = 0
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-
-        await app(scope, receive, send)
-        assert status == 200
+        assert await asgi_get(app, path) == 200
 
     return get
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--raw", action="store_true", help="raw ASGI calls instead of httpx")
@@ -154,7 +101,7 @@ async def main() -> None:
     parser.add_argument("--dsn", default=DSN, help="user@host:port/db of a PostgreSQL database")
     args = parser.parse_args()
     # JSON lines to /dev/null: the cost of rendering and writing the events is measured.
-    devnull = open(os.devnull, "w")  # noqa: SIM115, ASYNC230 - lives as long as the process
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
         logger_factory=structlog.PrintLoggerFactory(file=devnull),
@@ -162,6 +109,17 @@ async def main() -> None:
     )
     prepare(args.dsn)
     make_client = raw_client if args.raw else http_client
+    loop = asyncio.new_event_loop()
+
+    n: int = args.requests
+
+    def measure(client: Any, path: str) -> float:
+        async def requests() -> None:
+            for _ in range(n):
+                await client(path)
+
+        return timed(lambda: loop.run_until_complete(requests()))[0] / n
+
     print(f"{'raw ASGI' if args.raw else 'httpx ASGITransport'}, {args.rounds} rounds x "
           f"{args.requests} requests, median of per-round ratios (querywatch / bare)")  # fmt: skip
     print("| endpoint | bare µs/request | querywatch µs/request | added | budget |")
@@ -170,24 +128,21 @@ async def main() -> None:
         bare = make_client(build(args.dsn, kind, watched=False))
         watched = make_client(build(args.dsn, kind, watched=True))
         for path, budget in (("/nplus1", 0.05), ("/one", 0.10)):
-            for client in (bare, watched):  # warm-up: connections, caches
-                await measure(client, path, args.requests)
-            ratios, bare_times, watched_times = [], [], []
-            for r in range(args.rounds):
-                order = [(bare, bare_times), (watched, watched_times)]
-                if r % 2:
-                    order.reverse()
-                for client, times in order:
-                    times.append(await measure(client, path, args.requests))
-                ratios.append(watched_times[-1] / bare_times[-1])
-            ratio = statistics.median(ratios)
+            sides = {
+                "bare": partial(measure, bare, path),
+                "watched": partial(measure, watched, path),
+            }
+            interleaved(1, sides)  # warm-up: connections, caches
+            times = interleaved(args.rounds, sides)
+            ratio = statistics.median(paired_ratios(times["bare"], times["watched"]))
             verdict = "ok" if ratio - 1 <= budget else "OVER"
             print(
-                f"| {kind} {path} | {statistics.median(bare_times) * 1e6:.0f} | "
-                f"{statistics.median(watched_times) * 1e6:.0f} | {(ratio - 1) * 100:+.1f} % | "
+                f"| {kind} {path} | {statistics.median(times['bare']) * 1e6:.0f} | "
+                f"{statistics.median(times['watched']) * 1e6:.0f} | {(ratio - 1) * 100:+.1f} % | "
                 f"≤ {budget * 100:.0f} % {verdict} |"
             )
+    loop.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
