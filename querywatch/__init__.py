@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from querywatch._autoinstrument import AutoInstrumentation, instrument_all, uninstrument_all
-    from querywatch.collection import Report, add_reporter, configure, current_report, watch
+    from querywatch.collection import (
+        HttpRequest,
+        PoolReport,
+        Report,
+        add_reporter,
+        configure,
+        current_report,
+        watch,
+    )
     from querywatch.exceptions import (
         ConfigError,
         FindingsDetected,

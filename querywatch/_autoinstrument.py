@@ -36,7 +36,14 @@ if TYPE_CHECKING:
 
     from querywatch.settings import Settings
 
-__all__ = ["AutoInstrumentation", "instrument_all", "uninstrument_all"]
+__all__ = [
+    "AutoInstrumentation",
+    "checkouts",
+    "count_checkouts",
+    "instrument_all",
+    "stop_counting_checkouts",
+    "uninstrument_all",
+]
 
 _lock = threading.Lock()
 _active: AutoInstrumentation | None = None
@@ -70,7 +77,7 @@ class AutoInstrumentation:
             original.__func__(cls, engine)
             if self.removed:
                 return  # someone wrapped the hook after us: ours is left in place, inert
-            with _guard.guard("engine"):
+            with _guard.guarding("engine"):
                 _guard.maybe_fail("engine")
                 handle = instrument(engine)
                 handles.add(handle)
@@ -145,7 +152,7 @@ def count_checkouts() -> None:
         if _listening:
             return
         _listening = True
-    with _guard.guard("pool"):
+    with _guard.guarding("pool"):
         event.listen(Pool, "checkout", _on_checkout)
 
 

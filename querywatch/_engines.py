@@ -22,6 +22,7 @@ __all__ = [
     "handle_of",
     "instrumented_engines",
     "register",
+    "require_sync_engine",
     "sync_engine_of",
 ]
 

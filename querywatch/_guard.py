@@ -5,8 +5,11 @@ interval), counted, handed to subscribers (the Prometheus reporter counts it as
 `querywatch_internal_errors_total{component}`) and swallowed. Our own test suite flips
 `raise_internal_errors` so that our bugs fail our tests instead of hiding.
 
-Hot listeners use ``try: ... except Exception as exc: internal_error("engine", exc)`` inline (a
-context manager costs a microsecond per call); everything else uses ``with guard("component"):``.
+Hot listeners (per statement, per checkout) use ``try: ... except Exception as exc:
+internal_error("engine", exc)`` inline: no call at all when nothing fails. Everything else uses one
+shape, ``with guarding("component"):`` - a cached, slotted context manager (about 0.25 us per use,
+where a `@contextmanager` generator costs about 1.4 us), like sentry-python's
+`capture_internal_exceptions`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,20 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
+
+__all__ = [
+    "Guard",
+    "InjectedFault",
+    "guard",
+    "guarding",
+    "injected_faults",
+    "internal_error",
+    "internal_error_counts",
+    "maybe_fail",
+    "subscribe",
+]
 
 logger = logging.getLogger("querywatch")
 
@@ -68,13 +83,44 @@ def internal_error(component: str, exc: BaseException) -> None:
         raise exc
 
 
-@contextmanager
-def guard(component: str) -> Iterator[None]:
-    """Run the block; an exception in it is an internal error of `component`."""
-    try:
-        yield
-    except Exception as exc:
-        internal_error(component, exc)
+class Guard:
+    """`with guarding("component"):` - an exception in the block is an internal error of the
+    component: logged, counted and swallowed (re-raised in our own tests). Stateless, so one
+    instance per component serves every thread, task and nesting level at once."""
+
+    __slots__ = ("component",)
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt, cancellation: never ours to swallow
+        internal_error(self.component, exc)
+        return True
+
+
+_guards: dict[str, Guard] = {}
+
+
+def guarding(component: str) -> Guard:
+    """The guard of `component` (one cached instance per component name)."""
+    guard = _guards.get(component)
+    if guard is None:
+        guard = _guards.setdefault(component, Guard(component))
+    return guard
+
+
+#: The earlier name of `guarding`.
+guard = guarding
 
 
 def maybe_fail(component: str) -> None:

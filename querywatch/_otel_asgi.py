@@ -56,21 +56,17 @@ class ServerSpanHold:
             await self.app(scope, receive, send)
             return
         held = None
-        try:
+        with _guard.guarding("otel"):
             _guard.maybe_fail("otel")
             held = otel.hold_current_span()
-        except Exception as exc:
-            _guard.internal_error("otel", exc)
         if held is None:
             await self.app(scope, receive, send)
             return
         try:
             await self.app(scope, receive, send)
         finally:
-            try:
+            with _guard.guarding("otel"):
                 held.release()
-            except Exception as exc:
-                _guard.internal_error("otel", exc)
 
 
 def place_inside_tracing(app: Any) -> bool:

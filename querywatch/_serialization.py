@@ -20,14 +20,12 @@ _serialize_hooked = False
 def _endpoint_site(endpoint_ctx: Any) -> str | None:
     """`app.py:42 in list_orders (serializing its response)` from FastAPI's endpoint context
     (FastAPI >= 0.115 passes one to serialize_response), else None."""
-    try:
+    with _guard.guarding("fastapi"):
         _guard.maybe_fail("fastapi")
         if isinstance(endpoint_ctx, Mapping):
             file, line, function = (endpoint_ctx.get(k) for k in ("file", "line", "function"))
             if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
                 return _callsite.endpoint_site(file, line, function, "serializing its response")
-    except Exception as exc:
-        _guard.internal_error("fastapi", exc)
     return None
 
 
@@ -62,6 +60,6 @@ def install_serialization_hook() -> None:
 
     serialize_response._querywatch_wrapped = True  # type: ignore[attr-defined]
     serialize_response.__wrapped__ = original  # type: ignore[attr-defined]
-    with _guard.guard("fastapi"):
+    with _guard.guarding("fastapi"):
         routing.serialize_response = serialize_response
     _serialize_hooked = True

@@ -43,7 +43,6 @@ from querywatch.findings import (
     Finding,
     NPlusOneFinding,
     StaleAllowlistFinding,
-    finding_id,
 )
 from querywatch.fingerprinting import fingerprint
 from querywatch.settings import Settings
@@ -96,7 +95,7 @@ def detect(collector: Collector) -> list[Finding]:
             if shape.operation in ("INSERT", "UPDATE", "DELETE"):
                 findings.append(
                     BulkWriteFinding(
-                        id=finding_id("bulk_write", fp, callsite),
+                        id=BulkWriteFinding.id_for(fp, callsite),
                         callsite=callsite,
                         fingerprint=fp,
                         operation=shape.operation,
@@ -110,8 +109,8 @@ def detect(collector: Collector) -> list[Finding]:
                 relationship = _relationship_for(fp)
                 findings.append(
                     NPlusOneFinding(
-                        id=finding_id(
-                            "n_plus_one", relationship[0] if relationship else fp, callsite
+                        id=NPlusOneFinding.id_for(
+                            relationship[0] if relationship else fp, callsite
                         ),
                         callsite=callsite,
                         fingerprint=fp,
@@ -172,7 +171,7 @@ def _lazy_finding(
     phase = max(group.phases.items(), key=lambda item: item[1])[0] if group.phases else "handler"
     subject = relationship or f"{group.subject}#{group.pattern}"
     return NPlusOneFinding(
-        id=finding_id("n_plus_one", subject, callsite),
+        id=NPlusOneFinding.id_for(subject, callsite),
         callsite=callsite,
         fingerprint=group.fingerprint,
         operation="SELECT",
@@ -213,7 +212,7 @@ def _duplicates(
         callers = tuple(dict.fromkeys(w[1] for w in wheres if w[1] is not None))
         examples = tuple(d.examples for d in duplicates if d.examples is not None)
         yield DuplicateQueryFinding(
-            id=finding_id("duplicate_query", shape.fingerprint, site),
+            id=DuplicateQueryFinding.id_for(shape.fingerprint, site),
             callsite=site,
             fingerprint=shape.fingerprint,
             operation=shape.operation,
@@ -375,25 +374,7 @@ def _bulk_suggestion(fp: str, operation: str) -> str:
 # -- allowlist ------------------------------------------------------------------------------
 
 
-def _subjects(finding: Finding) -> set[str]:
-    subjects = {finding.id}
-    for name in ("relationship", "model"):
-        value = getattr(finding, name, None)
-        if value:
-            subjects.add(value)
-    model = getattr(finding, "model", None)
-    for attribute in getattr(finding, "attributes", ()) or ():
-        subjects.add(f"{model}.{attribute}")
-    attribute = getattr(finding, "attribute", None)
-    if model and isinstance(attribute, str):
-        subjects.add(f"{model}.{attribute}")
-    fp = getattr(finding, "fingerprint", None)
-    if fp:
-        subjects.add(fp)
-    return subjects
-
-
-def _matches(entry: str, shapes: set[str], finding: Finding, subjects: set[str]) -> bool:
+def _matches(entry: str, shapes: set[str], finding: Finding, subjects: frozenset[str]) -> bool:
     if entry in subjects or not shapes.isdisjoint(subjects):
         return True
     callsite = finding.callsite
@@ -419,7 +400,7 @@ def _apply_allowlist(findings: list[Finding], settings: Settings) -> list[Findin
     used: set[str] = set()
     kept: list[Finding] = []
     for finding in findings:
-        subjects = _subjects(finding)
+        subjects = finding.allowlist_keys
         hit = [e for e in entries if _matches(e, normalised[e], finding, subjects)]
         if hit:
             used.update(hit)
@@ -431,7 +412,7 @@ def _apply_allowlist(findings: list[Finding], settings: Settings) -> list[Findin
                 continue
             kept.append(
                 StaleAllowlistFinding(
-                    id=finding_id("stale_allowlist_entry", entry, None),
+                    id=StaleAllowlistFinding.id_for(entry, None),
                     callsite=None,
                     entry=entry,
                     suggestion="remove it from Settings.allowlist (or QUERYWATCH_ALLOWLIST)",

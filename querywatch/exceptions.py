@@ -11,12 +11,22 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from querywatch import _callsite, _guard
 
 if TYPE_CHECKING:
     from querywatch.findings import Finding
+
+__all__ = [
+    "ConfigError",
+    "FindingsDetected",
+    "NPlusOneDetected",
+    "QueryWatchError",
+    "QueryWatchWarning",
+    "warn_finding",
+]
 
 
 class QueryWatchError(Exception):
@@ -61,21 +71,8 @@ def warn_finding(finding: Finding) -> None:
     is unknown."""
     message = QueryWatchWarning(finding.describe())
     filename, lineno, module_globals = "", 0, None
-    try:
-        where = _callsite.location(finding.callsite)
-        if where is not None:
-            filename, lineno = where
-            module_globals = _module_globals(filename)
-        else:
-            frame = _callsite.user_frame(sys._getframe(1))
-            if frame is None:  # no user code on the stack at all
-                filename = ""
-            else:
-                filename, lineno = frame.f_code.co_filename, frame.f_lineno
-                module_globals = frame.f_globals
-    except Exception as exc:
-        _guard.internal_error("collector", exc)
-        filename = ""
+    with _guard.guarding("collector"):
+        filename, lineno, module_globals = _origin(finding.callsite, sys._getframe(1))
     if not filename:  # the line that closed the unit of work, as `warnings.warn` would say
         warnings.warn(message, stacklevel=3)
         return
@@ -101,6 +98,19 @@ _registry: dict[Any, Any] = {}
 _MAX_MODULE_NAMES = 4096
 #: absolute file name -> the name of the module imported from it
 _module_names: dict[str, str] = {}
+
+
+def _origin(callsite: str | None, caller: FrameType) -> tuple[str, int, dict[str, Any] | None]:
+    """(file, line, module globals) to warn at: the call site, else the first frame of user
+    code from `caller` outwards; ("", 0, None) when there is no user code on the stack."""
+    where = _callsite.location(callsite)
+    if where is not None:
+        filename, lineno = where
+        return filename, lineno, _module_globals(filename)
+    frame = _callsite.user_frame(caller)
+    if frame is None:
+        return "", 0, None
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
 
 
 def _module_globals(filename: str) -> dict[str, Any] | None:

@@ -1,8 +1,10 @@
-"""What querywatch reports: one frozen dataclass per finding kind.
+"""What querywatch reports: one frozen dataclass per finding kind, each describing itself.
 
 Every finding has a stable `id` (a hash of its kind, its subject and its call site, never of
 parameter values) so users can baseline and allowlist it, a `describe()` line for humans and
-exception messages, and `as_log_fields()` with JSON-friendly values for structured logs.
+exception messages, and `as_log_fields()` with JSON-friendly values for structured logs. Each
+class also owns what the rest of querywatch says about it - its `subject`, `headline`, `fix`,
+`baseline_key`, `allowlist_keys` and log `level` - so nobody else dispatches on `kind` strings.
 
 Findings about statements carry bound parameter values only when `Settings.log_parameters` is
 on: a few examples, each a `repr` cut to `MAX_PARAMETER_LENGTH` characters.
@@ -17,6 +19,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from querywatch._callsite import stable_site
+
+__all__ = [
+    "MAX_PARAMETER_EXAMPLES",
+    "MAX_PARAMETER_LENGTH",
+    "BulkWriteFinding",
+    "ConnectionLeakFinding",
+    "DuplicateQueryFinding",
+    "Finding",
+    "LazyLoadAfterCloseFinding",
+    "NPlusOneFinding",
+    "StaleAllowlistFinding",
+    "StatementFinding",
+    "finding_id",
+    "parameter_example",
+]
 
 #: Example parameter sets a finding carries when `Settings.log_parameters` is on.
 MAX_PARAMETER_EXAMPLES = 3
@@ -78,12 +95,63 @@ class Finding:
     kind: ClassVar[str] = "finding"
     #: The log event emitted for this finding kind.
     event: ClassVar[str] = "querywatch.finding"
+    #: The level of that event: `warning`, or `error` for what already failed in the app.
+    level: ClassVar[str] = "warning"
+    #: Whether it explains a statement count (a budget failure lists it as a likely cause).
+    explains_statements: ClassVar[bool] = False
 
     id: str
     callsite: str | None
 
+    @classmethod
+    def id_for(cls, subject: str, callsite: str | None) -> str:
+        """The `id` of a finding of this class about `subject` at `callsite` (`finding_id`)."""
+        return finding_id(cls.kind, subject, callsite)
+
     def describe(self) -> str:  # pragma: no cover - every subclass overrides
         return f"{self.kind} at {self.callsite}"
+
+    @property
+    def subject(self) -> str:  # pragma: no cover - every subclass overrides
+        """What the finding is about, in a few words (a relationship, a statement shape...)."""
+        return self.kind
+
+    @property
+    def headline(self) -> str:
+        """One line saying what happened, without where or the fix (test failure messages)."""
+        return self.describe()
+
+    @property
+    def fix(self) -> str:  # pragma: no cover - every subclass overrides
+        """How to fix it."""
+        return ""
+
+    @property
+    def statement(self) -> str | None:
+        """The statement shape involved, when there is one."""
+        return None
+
+    @property
+    def phase(self) -> str:
+        """Where in the unit it happened: `handler`, or `serialization` while a response was
+        being built."""
+        return "handler"
+
+    @property
+    def where(self) -> str:
+        """The call site, or `unknown call site`."""
+        return self.callsite or "unknown call site"
+
+    @property
+    def baseline_key(self) -> str:
+        """What a baseline file says the finding is (for the humans reading it; the id is the
+        key that matches)."""
+        return self.subject[:200]
+
+    @property
+    def allowlist_keys(self) -> frozenset[str]:
+        """The allowlist entries that hide it exactly (call-site globs match besides)."""
+        return frozenset((self.id,))
 
     def as_log_fields(self, *, max_sql_length: int = 2000) -> dict[str, Any]:
         """The finding's fields as JSON-friendly values; statement shapes are clipped."""
@@ -105,17 +173,51 @@ class Finding:
 
 
 @dataclass(frozen=True)
-class NPlusOneFinding(Finding):
-    """One statement shape run once per object of a loop: lazy loads or a per-item query."""
+class StatementFinding(Finding):
+    """Base of the findings about one statement shape run too often: N+1, bulk writes,
+    duplicates."""
 
-    kind: ClassVar[str] = "n_plus_one"
-    event: ClassVar[str] = "querywatch.n_plus_one"
+    explains_statements: ClassVar[bool] = True
 
     fingerprint: str
     operation: str
     count: int
     seconds: float
     suggestion: str
+
+    @property
+    def subject(self) -> str:
+        return self.fingerprint[:120]
+
+    @property
+    def fix(self) -> str:
+        return self.suggestion
+
+    @property
+    def statement(self) -> str | None:
+        return self.fingerprint or None
+
+    @property
+    def baseline_key(self) -> str:
+        return self.fingerprint[:200]
+
+    @property
+    def allowlist_keys(self) -> frozenset[str]:
+        keys = super().allowlist_keys
+        return keys | {self.fingerprint} if self.fingerprint else keys
+
+    @property
+    def _ms(self) -> str:
+        return f"{self.seconds * 1000:.1f} ms"
+
+
+@dataclass(frozen=True)
+class NPlusOneFinding(StatementFinding):
+    """One statement shape run once per object of a loop: lazy loads or a per-item query."""
+
+    kind: ClassVar[str] = "n_plus_one"
+    event: ClassVar[str] = "querywatch.n_plus_one"
+
     #: `Author.books` for an ORM lazy load, `None` for a statement-shape (backstop) finding.
     relationship: str | None = None
     #: `lazy_load`, `expired_load`, `deferred_load`, `statement_loop`.
@@ -131,55 +233,78 @@ class NPlusOneFinding(Finding):
     #: Examples of the bound parameters (only with `Settings.log_parameters`).
     parameters: tuple[str, ...] = ()
 
-    def describe(self) -> str:
+    @property
+    def subject(self) -> str:
+        """The relationship, the reloaded attributes of a model, or the statement shape."""
         if self.relationship:
-            subject = self.relationship
-        elif self.model:
-            kind = "expired" if self.pattern == "expired_load" else "deferred"
-            subject = f"{kind} attributes of {self.model} ({', '.join(self.attributes)})"
-        else:
-            subject = self.fingerprint[:120]
+            return self.relationship
+        if self.model:
+            return f"{self._reloaded} attributes of {self.model} ({', '.join(self.attributes)})"
+        return self.fingerprint[:120]
+
+    @property
+    def _reloaded(self) -> str:
+        return "expired" if self.pattern == "expired_load" else "deferred"
+
+    def describe(self) -> str:
         return (
-            f"N+1: {subject} ran {self.count} times at {self.callsite or 'unknown call site'} "
-            f"({self.seconds * 1000:.1f} ms); fix: {self.suggestion}"
+            f"N+1: {self.subject} ran {self.count} times at {self.where} "
+            f"({self._ms}); fix: {self.suggestion}"
         )
+
+    @property
+    def headline(self) -> str:
+        if self.relationship:
+            return f"N+1: {self.relationship} lazy-loaded {self.count} times ({self._ms})"
+        if self.model:
+            verb = "reloaded" if self.pattern == "expired_load" else "loaded"
+            return f"N+1: {self.subject} {verb} {self.count} times ({self._ms})"
+        return f"N+1: one statement ran {self.count} times from one call site ({self._ms})"
+
+    @property
+    def baseline_key(self) -> str:
+        return (self.relationship or self.fingerprint)[:200]
+
+    @property
+    def allowlist_keys(self) -> frozenset[str]:
+        keys = set(super().allowlist_keys)
+        if self.relationship:
+            keys.add(self.relationship)
+        if self.model:
+            keys.add(self.model)
+        keys.update(f"{self.model}.{attribute}" for attribute in self.attributes)
+        return frozenset(keys)
 
 
 @dataclass(frozen=True)
-class BulkWriteFinding(Finding):
+class BulkWriteFinding(StatementFinding):
     """One INSERT/UPDATE/DELETE shape executed once per item of a loop: a bulk candidate."""
 
     kind: ClassVar[str] = "bulk_write"
     event: ClassVar[str] = "querywatch.bulk_write"
 
-    fingerprint: str
-    operation: str
-    count: int
-    seconds: float
-    suggestion: str
     #: Examples of the bound parameters (only with `Settings.log_parameters`).
     parameters: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return (
-            f"{self.operation} in a loop: {self.count} statements at "
-            f"{self.callsite or 'unknown call site'}; fix: {self.suggestion}"
+            f"{self.operation} in a loop: {self.count} statements at {self.where}; "
+            f"fix: {self.suggestion}"
         )
+
+    @property
+    def headline(self) -> str:
+        return f"{self.operation} in a loop: {self.count} statements ({self._ms})"
 
 
 @dataclass(frozen=True)
-class DuplicateQueryFinding(Finding):
+class DuplicateQueryFinding(StatementFinding):
     """A read repeated with identical parameters in the same transaction, with nothing
     written in between: the unit could have answered it from what it already had."""
 
     kind: ClassVar[str] = "duplicate_query"
     event: ClassVar[str] = "querywatch.duplicate_query"
 
-    fingerprint: str
-    operation: str
-    count: int
-    seconds: float
-    suggestion: str
     #: Examples of the repeated bound parameters (only with `Settings.log_parameters`).
     parameters: tuple[str, ...] = ()
     #: Every call site that ran the statement, the first execution's first.
@@ -188,14 +313,18 @@ class DuplicateQueryFinding(Finding):
     callers: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        sites = ", then ".join(self.callsites) or self.callsite or "unknown call site"
+        sites = ", then ".join(self.callsites) or self.where
         if self.callers:
             sites += f" (called from {', then '.join(self.callers)})"
         return (
             f"duplicate query: the same statement with the same parameters ran {self.count} "
             f"times in one transaction with nothing written in between, at {sites}: "
-            f"{self.fingerprint[:120]}; fix: {self.suggestion}"
+            f"{self.subject}; fix: {self.suggestion}"
         )
+
+    @property
+    def headline(self) -> str:
+        return f"duplicate query: ran {self.count} times with the same parameters"
 
 
 @dataclass(frozen=True)
@@ -204,6 +333,7 @@ class LazyLoadAfterCloseFinding(Finding):
 
     kind: ClassVar[str] = "lazy_load_after_close"
     event: ClassVar[str] = "querywatch.lazy_load_after_close"
+    level: ClassVar[str] = "error"
 
     model: str
     attribute: str
@@ -214,11 +344,30 @@ class LazyLoadAfterCloseFinding(Finding):
     #: Times it happened at this call site in the unit of work.
     count: int = 1
 
+    @property
+    def subject(self) -> str:
+        """`Model.attribute`."""
+        return f"{self.model}.{self.attribute}"
+
+    @property
+    def fix(self) -> str:
+        return self.suggestion
+
     def describe(self) -> str:
         return (
-            f"lazy load after close: {self.model}.{self.attribute} ({self.error}) at "
-            f"{self.callsite or 'unknown call site'}; fix: {self.suggestion}"
+            f"lazy load after close: {self.subject} ({self.error}) at {self.where}; "
+            f"fix: {self.suggestion}"
         )
+
+    @property
+    def headline(self) -> str:
+        return f"lazy load after close: {self.subject} ({self.error})"
+
+    @property
+    def allowlist_keys(self) -> frozenset[str]:
+        if not self.model:
+            return super().allowlist_keys
+        return frozenset((self.id, self.model, self.subject))
 
 
 @dataclass(frozen=True)
@@ -246,11 +395,28 @@ class ConnectionLeakFinding(Finding):
     #: Where the owner was opened (the Session created, the Connection checked out).
     opened_at: str | None = None
 
+    @property
+    def subject(self) -> str:
+        """The pool's name."""
+        return self.pool
+
+    @property
+    def fix(self) -> str:
+        return self.suggestion
+
+    @property
+    def headline(self) -> str:
+        opened = self.opened_at or self.where
+        return (
+            f"connection leak: a connection of pool {self.pool!r} still checked out when the "
+            f"unit ended, held by the {self.owner} opened at {opened}"
+        )
+
     def describe(self) -> str:
         several = self.connections != 1
         what = f"{self.connections} connections" if several else "a connection"
         was = "were" if several else "was"
-        opened = self.opened_at or self.callsite or "unknown call site"
+        opened = self.opened_at or self.where
         unit = f" {self.unit!r}" if self.unit else ""
         if self.owner == "Connection":
             held = f"the Connection{'s' if several else ''} opened at {opened}"
@@ -258,8 +424,7 @@ class ConnectionLeakFinding(Finding):
             article = "an" if self.owner[:1] in "AEIOU" else "a"
             owners = f"{self.owner}s" if several else f"{article} {self.owner}"
             them = "them" if several else "it"
-            checked_out = self.callsite or "unknown call site"
-            held = f"{owners} opened at {opened} (which checked {them} out at {checked_out})"
+            held = f"{owners} opened at {opened} (which checked {them} out at {self.where})"
         return (
             f"connection leak: {what} of pool {self.pool!r} {was} still checked out when the "
             f"unit of work{unit} ended ({self.held_seconds:.2f} s), held by {held}; "
@@ -277,6 +442,15 @@ class StaleAllowlistFinding(Finding):
 
     entry: str
     suggestion: str
+
+    @property
+    def subject(self) -> str:
+        """The allowlist entry."""
+        return self.entry
+
+    @property
+    def fix(self) -> str:
+        return self.suggestion
 
     def describe(self) -> str:
         return f"stale allowlist entry {self.entry!r} matched nothing; fix: {self.suggestion}"

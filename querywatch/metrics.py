@@ -23,7 +23,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -31,9 +31,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from querywatch import _guard, pool
-from querywatch.collection import STATEMENT_BUCKETS, Collector, Report, add_reporter
+from querywatch.collection import STATEMENT_BUCKETS, Report, add_reporter
+from querywatch.findings import DuplicateQueryFinding, LazyLoadAfterCloseFinding, NPlusOneFinding
 
 __all__ = [
+    "REQUEST_SECONDS_BUCKETS",
     "REQUEST_STATEMENT_BUCKETS",
     "QueryWatchMetrics",
     "install",
@@ -118,14 +120,12 @@ def _unit_route(kind: str) -> str:
 
 
 def _record_report(report: Report) -> None:
-    try:
+    with _guard.guarding("metrics"):
         _guard.maybe_fail("metrics")
         # A request counts in its own app's registry only; other units (jobs) in every one.
-        targets = report._c.metrics
+        targets = report.metrics
         for metrics in list(_live) if targets is None else targets:
             metrics.record(report)
-    except Exception as exc:
-        _guard.internal_error("metrics", exc)
 
 
 def _record_internal_error(component: str) -> None:
@@ -204,10 +204,16 @@ class QueryWatchMetrics:
             ["component"],
             registry=r,
         )
+        #: finding kind -> its counter (leaks count connections per pool: see `record`)
+        self._finding_counters = {
+            NPlusOneFinding.kind: self.n_plus_one,
+            DuplicateQueryFinding.kind: self.duplicate_queries,
+            LazyLoadAfterCloseFinding.kind: self.lazy_loads_after_close,
+        }
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._statement_children: dict[tuple[str, str], Any] = {}
         #: open unit -> lazy loads per phase already counted by units nested in it
-        self._nested_lazy: weakref.WeakKeyDictionary[Collector, dict[str, int]] = (
+        self._nested_lazy: weakref.WeakKeyDictionary[Report, dict[str, int]] = (
             weakref.WeakKeyDictionary()
         )
         self.pools = PoolMetrics(r, multiprocess=multiprocess)
@@ -219,10 +225,9 @@ class QueryWatchMetrics:
 
     def record(self, report: Report) -> None:
         """Record one finished unit of work."""
-        c = report._c
-        if not c.settings.enabled:
+        if not report.settings.enabled:
             return
-        http = c.http
+        http = report.http
         if http is not None:
             route = http.route
             key = (route, http.method)
@@ -232,42 +237,38 @@ class QueryWatchMetrics:
                     self.request_db_statements.labels(*key),
                     self.request_db_seconds.labels(*key),
                 )
-            children[0].observe(c.statements)
-            children[1].observe(c.db_seconds)
+            children[0].observe(report.statements)
+            children[1].observe(report.db_seconds)
         else:
             # Never the unit's name: a test id or a job name is one label value per test or
             # job, without bound. The kind is a fixed, small set.
-            route = _unit_route(c.kind)
-        self._record_statements(c)
-        for finding in report.findings_to_report():
-            kind = finding.kind
-            if kind == "n_plus_one":
-                self.n_plus_one.labels(route).inc()
-            elif kind == "duplicate_query":
-                self.duplicate_queries.labels(route).inc()
-            elif kind == "lazy_load_after_close":
-                self.lazy_loads_after_close.labels(route).inc()
-            elif kind == "connection_leak":
-                leaked = getattr(finding, "connections", 1)
-                self.leaked_connections.labels(getattr(finding, "pool", ""), route).inc(leaked)
-        self._record_lazy_loads(c, route)
+            route = _unit_route(report.kind)
+        self._record_statements(report)
+        reported = report.findings_to_report()
+        for finding in reported:
+            # By kind, not class: a fresh copy of this module may record the findings of
+            # another copy's classes (see the module docstring).
+            counter = self._finding_counters.get(finding.kind)
+            if counter is not None:
+                counter.labels(route).inc()
+        for leak in report.leaks:
+            if leak in reported:
+                self.leaked_connections.labels(leak.pool, route).inc(leak.connections)
+        self._record_lazy_loads(report, route)
 
-    def _record_lazy_loads(self, c: Collector, route: str) -> None:
+    def _record_lazy_loads(self, report: Report, route: str) -> None:
         # Lazy loads are recorded in every enclosing unit too: count each once, in the
         # innermost unit, by subtracting what the units nested in this one counted already.
-        totals: dict[str, int] = {}
-        for group in c.lazy.values():
-            for phase, count in group.phases.items():
-                totals[phase] = totals.get(phase, 0) + count
+        totals = report.lazy_loads
         if not totals:
             return
-        nested = self._nested_lazy.pop(c, None) or {}
+        nested = self._nested_lazy.pop(report, None) or {}
         for phase, count in totals.items():
             own = count - nested.get(phase, 0)
             if own > 0:
                 self.lazy_loads.labels(route, phase).inc(own)
-        parent = c.parent
-        if parent is not None and not parent.closed:
+        parent = report.parent
+        if parent is not None and not parent.final:
             counted = self._nested_lazy.setdefault(parent, {})
             for phase, count in totals.items():
                 counted[phase] = counted.get(phase, 0) + count
@@ -279,17 +280,14 @@ class QueryWatchMetrics:
             child = self._statement_children[key] = self.statement_duration.labels(*key)
         return child
 
-    def _record_statements(self, c: Collector) -> None:
+    def _record_statements(self, report: Report) -> None:
         # Shapes count the durations of the statements of this (innermost) unit per bucket:
         # add the counts to the histogram's buckets directly, one increment per bucket.
-        for shape in c.shapes.values():
-            buckets = shape.buckets
-            if not any(buckets):
-                continue
+        for shape in report.shape_durations:
             child = self._statement_child(shape.pool, shape.operation)
-            _add_bucketed(child, buckets, shape.bucket_seconds)
-        for pool_name, operation, seconds in c.other_pool_durations:
-            self._statement_child(pool_name, operation).observe(seconds)
+            _add_bucketed(child, shape.buckets, shape.seconds)
+        for statement in report.other_pool_durations:
+            self._statement_child(statement.pool, statement.operation).observe(statement.seconds)
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -300,7 +298,7 @@ class QueryWatchMetrics:
         return self.pools.collect()
 
 
-def _add_bucketed(child: Any, counts: list[int], total_seconds: float) -> None:
+def _add_bucketed(child: Any, counts: Sequence[int], total_seconds: float) -> None:
     """Add pre-bucketed observations (non-cumulative `counts`, one per bucket incl. +Inf) to a
     histogram child."""
     values = getattr(child, "_buckets", None)

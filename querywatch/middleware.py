@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
@@ -37,6 +37,9 @@ from querywatch.collection import (
     open_unit,
 )
 from querywatch.settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["UNMATCHED_ROUTE", "QueryWatchMiddleware", "resolve_route"]
 
@@ -75,7 +78,7 @@ class QueryWatchMiddleware:
         app: ASGIApp,
         *,
         settings: Settings | None = None,
-        registry: Any = None,
+        registry: CollectorRegistry | None = None,
         metrics: bool = True,
         exclude_paths: Collection[str] = (),
     ) -> None:
@@ -113,13 +116,11 @@ class QueryWatchMiddleware:
         log_tokens: Any = None
         checkouts = [0]  # on every pool, instrumented or not (see querywatch._autoinstrument)
         checkouts_token: Any = None
-        try:
+        with _guard.guarding("middleware"):
             collector, token = open_unit(method, settings=settings, kind="request")
             collector.metrics = self.metrics
             log_tokens = bind_contextvars(request_id=request_id)
             checkouts_token = _autoinstrument.checkouts.set(checkouts)
-        except Exception as exc:
-            _guard.internal_error("middleware", exc)
         if collector is None:
             await self.app(scope, receive, send)
             return
@@ -139,14 +140,12 @@ class QueryWatchMiddleware:
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                try:
+                with _guard.guarding("middleware"):
                     status = message["status"]
                     _guard.maybe_fail("middleware")
                     message = _with_headers(
                         message, header_name, request_id_bytes, collector, server_timing
                     )
-                except Exception as exc:
-                    _guard.internal_error("middleware", exc)
             await send(message)
 
         error: BaseException | None = None
@@ -157,7 +156,7 @@ class QueryWatchMiddleware:
             raise
         finally:
             raise_findings = error is None
-            try:
+            with _guard.guarding("middleware"):
                 _guard.maybe_fail("middleware")
                 if error is not None:
                     if isinstance(error, Exception):
@@ -180,8 +179,6 @@ class QueryWatchMiddleware:
                 )
                 if not collector.statements and checkouts[0] > collector.pool.checkouts:
                     _silent_request(route)
-            except Exception as exc:
-                _guard.internal_error("middleware", exc)
             try:
                 close_unit(collector, token, raise_findings=raise_findings)
             finally:
@@ -388,5 +385,5 @@ def _install_framework_hooks() -> None:
     """Tag FastAPI's response-model serialization as the `serialization` phase (once; only
     when the app is a FastAPI app, i.e. FastAPI is imported already)."""
     if "fastapi" in sys.modules:
-        with _guard.guard("middleware"):
+        with _guard.guarding("middleware"):
             install_serialization_hook()

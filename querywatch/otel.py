@@ -119,7 +119,7 @@ def is_enabled() -> bool:
 def trace_fields(report: querywatch.Report | None = None) -> dict[str, str]:
     """`{"trace_id": ..., "span_id": ...}` (W3C hex) of the active span, or `{}` without one:
     the fields `enable()` adds to querywatch's log events."""
-    try:
+    with _guard.guarding("otel"):
         _guard.maybe_fail("otel")
         context = trace.get_current_span().get_span_context()
         if not context.is_valid:
@@ -128,9 +128,7 @@ def trace_fields(report: querywatch.Report | None = None) -> dict[str, str]:
             "trace_id": trace.format_trace_id(context.trace_id),
             "span_id": trace.format_span_id(context.span_id),
         }
-    except Exception as exc:
-        _guard.internal_error("otel", exc)
-        return {}
+    return {}
 
 
 class HeldSpan:
@@ -225,7 +223,7 @@ class _Bridge:
 
     def report(self, report: querywatch.Report) -> None:
         """The reporter: decorate the active span, record the unit's instruments."""
-        try:
+        with _guard.guarding("otel"):
             _guard.maybe_fail("otel")
             settings = report.settings
             if not settings.enabled:
@@ -234,8 +232,6 @@ class _Bridge:
                 self._decorate(report, settings)
             if self.instruments is not None:
                 self.instruments.record(report)
-        except Exception as exc:
-            _guard.internal_error("otel", exc)
 
     def _decorate(self, report: querywatch.Report, settings: querywatch.Settings) -> None:
         span = trace.get_current_span()
@@ -516,6 +512,7 @@ class _Instruments:
 
     def observe_pool(self, stats: pool.PoolStats) -> None:
         """The pool observer: record what `stats`' histograms gained since the last call."""
+        # Runs after every checkout and checkin: an inline guard, like `querywatch.pool`'s.
         try:
             _guard.maybe_fail("otel")
             if not self.active:
@@ -547,7 +544,7 @@ class _Instruments:
         self, read: Callable[[list[pool.PoolStats]], Iterable[tuple[float, dict[str, Any]]]]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            try:
+            with _guard.guarding("otel"):
                 _guard.maybe_fail("otel")
                 if not self.active:
                     return []
@@ -557,9 +554,7 @@ class _Instruments:
                     key = tuple(attributes.items())
                     totals[key] = totals.get(key, 0) + value
                 return [Observation(value, dict(key)) for key, value in totals.items()]
-            except Exception as exc:
-                _guard.internal_error("otel", exc)
-                return []
+            return []
 
         return callback
 

@@ -320,18 +320,7 @@ class BaselineEntry:
 
     @classmethod
     def of(cls, finding: Finding, test: str) -> BaselineEntry:
-        subject = (
-            getattr(finding, "relationship", None)
-            or (
-                f"{getattr(finding, 'model', '')}.{getattr(finding, 'attribute', '')}"
-                if finding.kind == "lazy_load_after_close"
-                else None
-            )
-            or getattr(finding, "fingerprint", None)
-            or getattr(finding, "pool", None)
-            or ""
-        )
-        return cls(finding.id, finding.kind, str(subject)[:200], finding.callsite, (test,))
+        return cls(finding.id, finding.kind, finding.baseline_key, finding.callsite, (test,))
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -31,8 +31,6 @@ FINDING_KINDS = (
     "connection_leak",
     "stale_allowlist_entry",
 )
-#: Finding kinds logged at `error` rather than `warning`.
-ERROR_KINDS = frozenset({"lazy_load_after_close", "pool_timeout"})
 
 _logger = structlog.get_logger("querywatch")
 _remove: Callable[[], None] | None = None
@@ -75,7 +73,7 @@ def uninstall() -> None:
 
 
 def _context(report: Report) -> dict[str, Any]:
-    http = report._c.http
+    http = report.http
     if http is None:
         return {"unit": report.name, "unit_kind": report.kind}
     return {"route": http.route, "method": http.method, "request_id": http.request_id}
@@ -84,20 +82,17 @@ def _context(report: Report) -> dict[str, Any]:
 def log_report(report: Report) -> None:
     """Log one finished unit of work (the reporter `install()` registers). Its own errors
     count as component `structlog`."""
-    try:
+    with _guard.guarding("structlog"):
         _guard.maybe_fail("structlog")
         _log_report(report)
-    except Exception as exc:
-        _guard.internal_error("structlog", exc)
 
 
 def _log_report(report: Report) -> None:
-    collector = report._c
-    settings = collector.settings
+    settings = report.settings
     if not settings.enabled:
         return
     findings = report.findings_to_report()
-    usage = collector.pool
+    usage = report.pool
     timeouts = usage.timeouts
     if findings or timeouts:
         context = {**_context(report), **_extra_fields(report)}
@@ -113,7 +108,7 @@ def _log_report(report: Report) -> None:
                 pool_wait_ms=round(usage.wait_seconds * 1000, 3),
                 pool_checkouts=usage.checkouts,
             )
-    http = collector.http
+    http = report.http
     if http is None:
         return
     policy = settings.log_requests
@@ -128,9 +123,8 @@ def _log_report(report: Report) -> None:
     counts = dict.fromkeys(FINDING_KINDS, 0)
     worst = "info"
     for finding in findings:
-        kind = finding.kind
-        counts[kind] = counts.get(kind, 0) + 1
-        if kind in ERROR_KINDS:
+        counts[finding.kind] = counts.get(finding.kind, 0) + 1
+        if finding.level == "error":
             worst = "error"
         elif worst == "info":
             worst = "warning"
@@ -142,14 +136,14 @@ def _log_report(report: Report) -> None:
         "status": http.status,
         "duration_ms": round(report.duration_seconds * 1000, 3),
         "request_id": http.request_id,
-        "db_statements": collector.statements,
-        "db_ms": round(collector.db_seconds * 1000, 3),
+        "db_statements": report.statements,
+        "db_ms": round(report.db_seconds * 1000, 3),
         "findings": len(findings),
         **counts,
         "pool_timeout": timeouts,
         "pool_checkouts": usage.checkouts,
         "pool_wait_ms": round(usage.wait_seconds * 1000, 3),
-        "pool_leaked": sum(leak.connections for leak in usage.leaked),
+        "pool_leaked": usage.leaked,
         **_extra_fields(report),
     }
     if http.disconnected:
@@ -161,7 +155,5 @@ def _log_report(report: Report) -> None:
 
 def _log_finding(finding: Finding, context: dict[str, Any], max_sql: int) -> None:
     fields = {**context, **finding.as_log_fields(max_sql_length=max_sql)}
-    if finding.kind in ERROR_KINDS:
-        _logger.error(finding.event, **fields)
-    else:
-        _logger.warning(finding.event, **fields)
+    log = _logger.error if finding.level == "error" else _logger.warning
+    log(finding.event, **fields)

@@ -28,11 +28,12 @@ from querywatch.collection import (
     set_fallback_parent,
     watch,
 )
-from querywatch.findings import Finding
+from querywatch.findings import Finding, NPlusOneFinding
 from querywatch.settings import Settings
 
 __all__ = [
     "QueryAssertionError",
+    "WatchedUnit",
     "assert_max_statements",
     "assert_no_n_plus_one",
     "assert_query_snapshot",
@@ -174,51 +175,15 @@ def _clip(text: str, limit: int = MAX_SHAPE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _headline(finding: Finding) -> str:
-    kind = finding.kind
-    get = getattr
-    ms = f"{get(finding, 'seconds', 0.0) * 1000:.1f} ms"
-    if kind == "n_plus_one":
-        subject = get(finding, "relationship", None)
-        count = get(finding, "count", 0)
-        pattern = get(finding, "pattern", "statement_loop")
-        if subject and pattern == "expired_load":
-            return f"N+1: expired attributes of {subject} reloaded {count} times ({ms})"
-        if subject:
-            return f"N+1: {subject} lazy-loaded {count} times ({ms})"
-        return f"N+1: one statement ran {count} times from one call site ({ms})"
-    if kind == "duplicate_query":
-        return f"duplicate query: ran {get(finding, 'count', 0)} times with the same parameters"
-    if kind == "bulk_write":
-        operation = get(finding, "operation", "write")
-        return f"{operation} in a loop: {get(finding, 'count', 0)} statements ({ms})"
-    if kind == "lazy_load_after_close":
-        model, attribute = get(finding, "model", "?"), get(finding, "attribute", "?")
-        return f"lazy load after close: {model}.{attribute} ({get(finding, 'error', '')})"
-    if kind == "connection_leak":
-        pool = get(finding, "pool", "?")
-        owner = get(finding, "owner", "Connection")
-        opened = get(finding, "opened_at", None) or finding.callsite or "unknown call site"
-        return (
-            f"connection leak: a connection of pool {pool!r} still checked out when the unit "
-            f"ended, held by the {owner} opened at {opened}"
-        )
-    return finding.describe()
-
-
 def describe_finding(finding: Finding) -> list[str]:
     """A finding as indented lines: what, where, which statement, the fix, and its id."""
-    lines = [f"  - {_headline(finding)}"]
-    lines.append(f"      at: {finding.callsite or 'unknown call site'}")
-    phase = getattr(finding, "phase", "handler")
-    if phase != "handler":
-        lines.append(f"      phase: {phase}")
-    fingerprint = getattr(finding, "fingerprint", None)
-    if fingerprint:
-        lines.append(f"      statement: {_clip(fingerprint)}")
-    suggestion = getattr(finding, "suggestion", None)
-    if suggestion:
-        lines.append(f"      fix: {suggestion}")
+    lines = [f"  - {finding.headline}", f"      at: {finding.where}"]
+    if finding.phase != "handler":
+        lines.append(f"      phase: {finding.phase}")
+    if finding.statement:
+        lines.append(f"      statement: {_clip(finding.statement)}")
+    if finding.fix:
+        lines.append(f"      fix: {finding.fix}")
     lines.append(f"      id: {finding.id}")
     return lines
 
@@ -247,7 +212,7 @@ def describe_budget(
     if len(shapes) > MAX_SHAPES_SHOWN:
         rest = sum(n for _, n in shapes[MAX_SHAPES_SHOWN:])
         lines.append(f"  ... {len(shapes) - MAX_SHAPES_SHOWN} more shapes ({rest} statements)")
-    causes = [f for f in findings if f.kind in ("n_plus_one", "bulk_write", "duplicate_query")]
+    causes = [f for f in findings if f.explains_statements]
     if causes:
         lines.append("likely cause:")
         lines.extend(describe_findings(causes))
@@ -349,7 +314,7 @@ class assert_no_n_plus_one(_Assertion):  # used like a function
         unit = self._unit
         report = unit.report
         assert report is not None
-        found = [f for f in unit.findings if f.kind == "n_plus_one"]
+        found = [f for f in unit.findings if isinstance(f, NPlusOneFinding)]
         if found:
             lines = [f"querywatch: {len(found)} N+1 finding(s) in the block:"]
             lines.extend(describe_findings(found))

@@ -102,3 +102,38 @@ def test_injected_fault_fires_only_in_its_component() -> None:
     _guard.maybe_fail("engine")
     with pytest.raises(_guard.InjectedFault):
         _guard.maybe_fail("pool")
+
+
+def test_one_guard_per_component() -> None:
+    """`guarding()` hands out one cached, stateless instance per component name."""
+    assert _guard.guarding("structlog") is _guard.guarding("structlog")
+    assert _guard.guarding("structlog") is not _guard.guarding("metrics")
+    assert not hasattr(_guard.guarding("structlog"), "__dict__")
+
+
+@pytest.mark.usefixtures("production_guard")
+def test_guard_swallows_and_counts_an_error() -> None:
+    """In production the block's exception is counted under the component and swallowed."""
+    before = _guard.internal_error_counts().get("otel", 0)
+    with _guard.guarding("otel"):
+        raise KeyError("querywatch bug")
+    assert _guard.internal_error_counts()["otel"] - before == 1
+
+
+@pytest.mark.usefixtures("production_guard")
+def test_guard_lets_cancellation_through() -> None:
+    """A `BaseException` that is not an `Exception` (cancellation, Ctrl-C) is never swallowed."""
+    with pytest.raises(KeyboardInterrupt), _guard.guarding("otel"):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.usefixtures("production_guard")
+def test_guard_nests_in_itself() -> None:
+    """The same instance guards nested blocks: the inner error stays inside the inner block."""
+    guard = _guard.guarding("reporter")
+    reached = []
+    with guard:
+        with guard:
+            raise ValueError("inner")
+        reached.append("after the inner block")
+    assert reached == ["after the inner block"]

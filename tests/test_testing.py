@@ -131,7 +131,7 @@ def test_fallback_parent_reset_after_block(sqlite_engine: sa.Engine) -> None:
     with assert_max_statements(5):
         pass
     with querywatch.watch("after") as report:
-        assert report._c.parent is None
+        assert report.parent is None
 
 
 async def test_async_block(aiosqlite_engine: AsyncEngine) -> None:
@@ -164,6 +164,26 @@ def test_no_n_plus_one_fails_on_lazy_loads(library: sa.Engine) -> None:
     assert "at: tests/test_testing.py:" in message
     assert "selectinload(Author.books)" in message
     assert [f.relationship for f in caught.value.findings] == ["Author.books"]
+
+
+def read_names_after_commit(engine: sa.Engine) -> None:
+    """Touch every author's name after a commit expired them: one reload per author."""
+    with Session(engine) as session:
+        authors = session.scalars(sa.select(Author)).all()
+        session.commit()
+        for author in authors:
+            assert author.name
+
+
+def test_no_n_plus_one_names_the_model_of_expired_attributes(library: sa.Engine) -> None:
+    """Attributes reloaded object by object after a commit fail with the model and the
+    attributes, as the finding describes itself, not as an anonymous statement."""
+    with pytest.raises(QueryAssertionError) as caught:
+        run_in(assert_no_n_plus_one(), read_names_after_commit, library)
+    message = str(caught.value)
+    assert "N+1: expired attributes of Author (name) reloaded 10 times" in message
+    assert "one statement ran" not in message
+    assert "expire_on_commit=False" in message
 
 
 def test_no_n_plus_one_threshold(library: sa.Engine) -> None:

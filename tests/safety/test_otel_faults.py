@@ -25,7 +25,7 @@ import querywatch.fastapi
 import querywatch.otel
 from querywatch import _guard
 from tests.conftest import ASYNCPG_URL, PSYCOPG_URL, require_postgres
-from tests.test_safety_faults import SCENARIO, Databases, Outcome, build_app, drive
+from tests.safety.test_faults import SCENARIO, Databases, Outcome, build_app, drive
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

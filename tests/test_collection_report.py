@@ -1,0 +1,62 @@
+"""`querywatch.collection.Report`: what reporters read of a finished unit, all public."""
+
+from __future__ import annotations
+
+import weakref
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import querywatch
+from querywatch.collection import STATEMENT_BUCKETS
+from tests.models import Author, create_schema, seed
+
+
+def test_shape_durations_count_the_units_own_statements(sqlite_engine: sa.Engine) -> None:
+    """One entry per shape that ran in the unit itself, bucketed; a nested unit's are its own."""
+    with querywatch.watch("outer") as outer, sqlite_engine.connect() as conn:
+        for _ in range(3):
+            conn.exec_driver_sql("SELECT 1")
+        with querywatch.watch("inner") as inner:
+            conn.exec_driver_sql("SELECT 2")
+    (shape,) = outer.shape_durations
+    assert (shape.operation, sum(shape.buckets)) == ("SELECT", 3)
+    assert shape.pool == "sqlite:///"  # the engine's pool name (`instrument(name=...)`)
+    assert len(shape.buckets) == len(STATEMENT_BUCKETS) + 1
+    assert shape.seconds > 0
+    assert [sum(s.buckets) for s in inner.shape_durations] == [1]
+
+
+def test_other_pool_durations_are_empty_on_one_engine(sqlite_engine: sa.Engine) -> None:
+    """Statements of shapes first seen on another pool are listed apart; one engine has none."""
+    with querywatch.watch("one engine") as report, sqlite_engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    assert report.other_pool_durations == ()
+
+
+def test_lazy_loads_by_phase(sqlite_engine: sa.Engine) -> None:
+    """Lazy loads are counted per phase, those of nested units included."""
+    create_schema(sqlite_engine)
+    with Session(sqlite_engine) as session:
+        seed(session)
+    with querywatch.watch("outer") as outer, Session(sqlite_engine) as session:
+        authors = session.scalars(sa.select(Author).limit(3)).all()
+        with querywatch.watch("inner") as inner:
+            for author in authors:
+                assert author.books
+    assert inner.lazy_loads == {"handler": 3}
+    assert outer.lazy_loads == {"handler": 3}
+
+
+def test_metrics_of_a_job_are_every_registrys(sqlite_engine: sa.Engine) -> None:
+    """A unit no middleware served records into every registry (`metrics` is None)."""
+    with querywatch.watch("job") as report:
+        pass
+    assert report.metrics is None
+
+
+def test_a_report_can_be_referenced_weakly() -> None:
+    """Reporters may key their per-unit state on the report without keeping it alive."""
+    with querywatch.watch("weak") as report:
+        pass
+    assert weakref.ref(report)() is report
