@@ -23,6 +23,7 @@ PUBLIC_MODULES = (
     "querywatch.testing",
     "querywatch.pytest_plugin",
     "querywatch.otel",
+    "querywatch.console",
     "querywatch.pool",
     "querywatch.findings",
     "querywatch.settings",

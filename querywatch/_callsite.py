@@ -16,6 +16,22 @@ import sysconfig
 from contextvars import ContextVar
 from types import CodeType, FrameType
 
+__all__ = [
+    "Where",
+    "capture",
+    "capture_for",
+    "endpoint_site",
+    "fallback_site",
+    "forget",
+    "location",
+    "project_root",
+    "set_project_root",
+    "source_line",
+    "stable_site",
+    "user_frame",
+    "where_for",
+]
+
 _LIBRARY_PACKAGES = (
     "sqlalchemy",
     "querywatch",
@@ -62,6 +78,11 @@ def set_project_root(root: str | None) -> None:
     _display_names.clear()
     _filenames.clear()
     _memos.clear()
+
+
+def project_root() -> str:
+    """The folder call sites are shown relative to."""
+    return _root
 
 
 def _library(code: CodeType) -> bool:

@@ -37,7 +37,7 @@ from sqlalchemy.orm.exc import DetachedInstanceError
 from querywatch import _callsite
 from querywatch._engines import instrumented_engines
 from querywatch._guard import internal_error, maybe_fail
-from querywatch.collection import Collector, LazyGroup, _current
+from querywatch.collection import Collector, LazyGroup, current_unit
 from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
 from querywatch.fingerprinting import dialect_key, shape_of
 
@@ -109,7 +109,7 @@ def release_if_unused() -> None:
 
 def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     def _fire_loader_callables(self: Any, state: Any, key: str, passive: Any) -> Any:
-        collector = _current.get()
+        collector = current_unit.get()
         if collector is None or not collector.active:
             return original(self, state, key, passive)
         # Decided before the load: loading clears the state's expired attributes.

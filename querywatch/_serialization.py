@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from querywatch import _callsite, _guard
-from querywatch.collection import _current
+from querywatch.collection import current_unit
 
 __all__ = ["install_serialization_hook"]
 
@@ -46,7 +46,7 @@ def install_serialization_hook() -> None:
         return
 
     async def serialize_response(*args: Any, **kwargs: Any) -> Any:
-        collector = _current.get()
+        collector = current_unit.get()
         if collector is None:
             return await original(*args, **kwargs)
         previous = collector.phase

@@ -21,7 +21,7 @@ from querywatch import _guard
 from querywatch._callsite import Where, where_for
 from querywatch._engines import Instrumentation
 from querywatch._guard import internal_error
-from querywatch.collection import FOLD_EVERY, Collector, _current
+from querywatch.collection import FOLD_EVERY, Collector, current_unit
 
 __all__ = ["attach", "record_statement"]
 
@@ -147,7 +147,7 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
         def querywatch_execute(
             cursor: Any, statement: str, parameters: Any, context: Any = None
         ) -> Any:
-            collector = _current.get()
+            collector = current_unit.get()
             if collector is None:
                 return execute(cursor, statement, parameters, context)
             t0 = perf_counter()
@@ -190,7 +190,7 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
     execute_no_params = dialect.do_execute_no_params
 
     def querywatch_do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> Any:
-        collector = _current.get()
+        collector = current_unit.get()
         if collector is None:
             return execute_no_params(cursor, statement, context)
         t0 = perf_counter()

@@ -73,7 +73,8 @@ MAX_CALLSITES = 64
 #: Durations kept of statements whose shape was first seen on another engine.
 MAX_OTHER_POOL_DURATIONS = 1024
 
-_current: ContextVar[Collector | None] = ContextVar("querywatch_collector", default=None)
+#: The collector of the unit of work running in this context: what the capture hooks record into.
+current_unit: ContextVar[Collector | None] = ContextVar("querywatch_collector", default=None)
 #: The parent of units opened where no unit is current (a thread that did not inherit the
 #: context): the pytest plugin's test unit, so that requests a `TestClient` serves from its
 #: portal thread count toward the test whichever way anyio propagates the context.
@@ -926,12 +927,12 @@ class Report:
 
 def current_collector() -> Collector | None:
     """The collector of the unit of work running in this context, if any."""
-    return _current.get()
+    return current_unit.get()
 
 
 def current_report() -> Report | None:
     """The (live) report of the unit of work running in this context, if any."""
-    collector = _current.get()
+    collector = current_unit.get()
     return collector.report if collector is not None else None
 
 
@@ -939,7 +940,7 @@ def open_unit(
     name: str, *, settings: Settings | None = None, kind: str = "job"
 ) -> tuple[Collector, Token[Collector | None]]:
     """Start a unit of work in the current context. The middleware and `watch()` use this."""
-    parent = _current.get()
+    parent = current_unit.get()
     if parent is None:
         fallback = _fallback_parent
         if fallback is not None and not fallback.closed:
@@ -949,7 +950,7 @@ def open_unit(
         # (a re-read is judged against the writes that preceded it).
         parent.fold()
     collector = Collector(name, settings or _settings, parent, kind)
-    return collector, _current.set(collector)
+    return collector, current_unit.set(collector)
 
 
 def set_fallback_parent(collector: Collector | None) -> Collector | None:
@@ -969,33 +970,25 @@ def close_unit(
     """
     if token is not None:
         try:
-            _current.reset(token)
+            current_unit.reset(token)
         except ValueError:
             # Closed from another context (a generator finalised elsewhere): restore the parent.
-            _current.set(collector.parent)
+            current_unit.set(collector.parent)
     if collector.closed:
         return
     collector.finished = time.perf_counter()
     collector.active = False
-    # The guards are inline try/except blocks: a generator context manager costs microseconds
-    # per use, and this runs once per request.
-    try:
+    with _guard.guarding("collector"):
         _guard.maybe_fail("collector")
         collector.fold()
-    except Exception as exc:
-        _guard.internal_error("collector", exc)
     for component, finish in _finishers:  # connections still out are leaks, found first
-        try:
+        with _guard.guarding(component):
             finish(collector)
-        except Exception as exc:
-            _guard.internal_error(component, exc)
     findings: list[Finding] = []
     for detect in _detectors:
-        try:
+        with _guard.guarding("detection"):
             _guard.maybe_fail("detection")
             findings.extend(detect(collector))
-        except Exception as exc:
-            _guard.internal_error("detection", exc)
     collector.findings = tuple(findings)
     parent = collector.parent
     if parent is not None and (findings or collector.nested_finding_ids):
@@ -1003,11 +996,9 @@ def close_unit(
         parent.nested_finding_ids.update(collector.nested_finding_ids)
     report = collector.report
     for reporter in tuple(_reporters):
-        try:
+        with _guard.guarding("reporter"):
             _guard.maybe_fail("reporter")
             reporter(report)
-        except Exception as exc:
-            _guard.internal_error("reporter", exc)
     if not findings or not collector.settings.enabled:
         return
     mode: Mode = collector.settings.mode

@@ -91,7 +91,7 @@ from sqlalchemy.orm import Session
 from querywatch import _callsite
 from querywatch._engines import Instrumentation, handle_of, sync_engine_of
 from querywatch._guard import guard, internal_error, maybe_fail
-from querywatch.collection import Collector, _current
+from querywatch.collection import Collector, current_unit
 from querywatch.findings import ConnectionLeakFinding, finding_id
 
 if TYPE_CHECKING:
@@ -328,7 +328,7 @@ def _notify(stats: PoolStats) -> None:
 
 
 def _forget_site(site_key: str) -> None:
-    _callsite._memos.pop(site_key, None)
+    _callsite.forget(site_key)
 
 
 def attach(handle: Instrumentation, engine: Engine) -> None:
@@ -424,7 +424,7 @@ def _wrap_pool(
                 if created is not None and created[0] >= t0:
                     # Opening a new connection is not waiting: that is the `create` histogram.
                     wait = max(0.0, wait - created[1])
-                collector = _current.get()
+                collector = current_unit.get()
                 if collector is not None and collector.active:
                     units = collector.chain
                     callsite = _callsite.capture_for(site_key, 1)
@@ -506,7 +506,7 @@ def _timed_out(stats: PoolStats, waited: float) -> None:
         stats.pending -= 1
         stats.checkout_timeouts_total += 1
         stats.wait.observe(waited)
-        collector = _current.get()
+        collector = current_unit.get()
         if collector is not None and collector.active:
             for c in collector.chain:
                 with c.lock:
@@ -648,7 +648,7 @@ def _stamping_init(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        collector = _current.get()
+        collector = current_unit.get()
         if collector is None or not collector.active:
             return
         hooks = _session_hooks
@@ -693,7 +693,7 @@ def _session_began(session: Any, transaction: Any, connection: Any) -> None:
     """`after_begin`: the transaction has its connection. If this Session checked it out, the
     units it was opened in keep it as theirs, with the Session's opening line; the units that
     began before the Session was opened drop it (not theirs to close)."""
-    collector = _current.get()
+    collector = current_unit.get()
     if collector is None or not collector.active:
         return
     try:  # guarded, no fault switch (see `_stamping_init`)

@@ -282,7 +282,7 @@ def _show_callsites_from(root: Path, config: pytest.Config) -> None:
 
     if default_settings().project_root is not None:
         return  # the user chose a root
-    previous = _callsite._root
+    previous = _callsite.project_root()
     _callsite.set_project_root(str(root))
     config.add_cleanup(lambda: _callsite.set_project_root(previous))
 
