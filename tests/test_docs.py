@@ -128,11 +128,20 @@ def test_every_finding_kind_has_a_page_with_a_runnable_example() -> None:
 def test_every_module_is_public_or_internal() -> None:
     """A new module must be put in the API reference or declared internal in docs/hooks.py."""
     hooks = _hooks()
-    modules = {
-        f"querywatch.{path.stem}"
-        for path in (ROOT / "querywatch").glob("*.py")
-        if not path.stem.startswith("_")
-    } | {"querywatch"}
+    package = ROOT / "querywatch"
+    modules = (
+        {
+            f"querywatch.{path.stem}"
+            for path in package.glob("*.py")
+            if not path.stem.startswith("_")
+        }
+        | {
+            f"querywatch.{path.parent.name}"  # subpackages
+            for path in package.glob("*/__init__.py")
+            if not path.parent.name.startswith("_")
+        }
+        | {"querywatch"}
+    )
     classified = set(hooks.PUBLIC_MODULES) | set(hooks.INTERNAL_MODULES)
     assert modules == classified
 
