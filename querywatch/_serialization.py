@@ -37,7 +37,7 @@ def install_serialization_hook() -> None:
     if _serialize_hooked:
         return
     try:
-        import fastapi.routing as routing
+        import fastapi.routing as routing  # deferred: FastAPI is optional
     except ImportError:
         return
     original = getattr(routing, "serialize_response", None)

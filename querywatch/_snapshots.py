@@ -251,7 +251,7 @@ class Recorder:
         self._remove: Callable[[], None] | None = None
 
     def start(self) -> None:
-        from querywatch import add_reporter
+        from querywatch import add_reporter  # deferred: loaded by the plugin, lazily
 
         self._remove = add_reporter(self._finished)
 
@@ -277,7 +277,7 @@ class Recorder:
 
     def position(self) -> int:
         """How many statements the test has run so far."""
-        from querywatch import current_report
+        from querywatch import current_report  # deferred: loaded by the plugin, lazily
 
         current = current_report()
         if current is not None and current is not self.report:
@@ -395,6 +395,7 @@ class Built:
 
 
 def _dialect_names() -> dict[str, str]:
+    # deferred: loaded by the plugin, lazily
     from querywatch.instrumentation import instrumented_engines
 
     names: dict[str, str] = {}
@@ -850,7 +851,7 @@ _last_settings: tuple[Settings, Settings] | None = None
 def _settings(settings: Settings | None) -> Settings:
     """`settings` (default: the process-wide ones) keeping enough statements for a record."""
     global _last_settings
-    from querywatch.collection import default_settings
+    from querywatch.collection import default_settings  # deferred: loaded by the plugin, lazily
 
     base = settings if settings is not None else default_settings()
     if base.max_queries >= MAX_RECORDED_STATEMENTS:
@@ -929,7 +930,7 @@ class assert_query_snapshot:  # used like a function
         strict: bool = False,
         settings: Settings | None = None,
     ) -> None:
-        from querywatch.testing import WatchedUnit
+        from querywatch.testing import WatchedUnit  # deferred: loaded by the plugin, lazily
 
         if not isinstance(name, str) or not name:
             raise TypeError("assert_query_snapshot needs a non-empty record name")
@@ -973,7 +974,7 @@ class assert_query_snapshot:  # used like a function
         self.__exit__(exc_type, exc, tb)
 
     def _check(self, recorder: Recorder) -> None:
-        from querywatch.testing import QueryAssertionError
+        from querywatch.testing import QueryAssertionError  # deferred: loaded by the plugin, lazily
 
         built = build(recorder, whole=True)
         path = self._path

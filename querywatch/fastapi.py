@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.engine import Engine
 
 from querywatch import _autoinstrument, metrics
@@ -100,7 +101,7 @@ def setup(
         _add_console(app, engine_or_engines, resolved)
     install_serialization_hook()
     if otel or (settings is not None and settings.otel):
-        from querywatch import _otel_asgi
+        from querywatch import _otel_asgi  # deferred: OpenTelemetry is optional
 
         _otel_asgi.setup(app)
     return handles
@@ -108,6 +109,7 @@ def setup(
 
 def _add_console(app: Any, engines: Engines | None, settings: Settings) -> None:
     """Serve the console in front of the auditing middleware (added after it: outside it)."""
+    # deferred: only when the console is on
     from querywatch.console import Console, ConsoleMiddleware
 
     given = [engine for _, engine in _named_engines(engines)] if engines is not None else []
@@ -136,12 +138,11 @@ def metrics_endpoint(
 ) -> Callable[[Request], Awaitable[Response]]:
     """A Starlette endpoint serving `registry` in the Prometheus text format (every worker's
     metrics under `PROMETHEUS_MULTIPROC_DIR`)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-
     target = REGISTRY if registry is None else registry
 
     async def querywatch_metrics(request: Request) -> Response:
         if metrics.multiprocess_mode():
+            # deferred: multiprocess mode only when asked
             from prometheus_client import CollectorRegistry
             from prometheus_client.multiprocess import MultiProcessCollector
 

@@ -330,7 +330,7 @@ def _route_by_endpoint(scope: Scope) -> Any:
     _collect_by_endpoint(routes, endpoint, candidates, 0)
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
-    from starlette.routing import Match
+    from starlette.routing import Match  # deferred: Starlette is optional (any ASGI app)
 
     partial = None
     for route in candidates:
@@ -346,6 +346,7 @@ def _collect_by_endpoint(routes: Any, endpoint: Any, found: list[Any], depth: in
     if not isinstance(routes, list) or depth > _MAX_MOUNT_DEPTH:
         return
     try:
+        # deferred: Starlette is optional (any ASGI app)
         from starlette.routing import Mount, Route, Router
     except ImportError:  # pragma: no cover - no Starlette, nothing to search
         return
@@ -370,6 +371,7 @@ def _route_kind(route: Any) -> str:
     global _mount_type, _host_type
     if _mount_type is None:
         try:
+            # deferred: Starlette is optional (any ASGI app)
             from starlette.routing import Host, Mount
         except ImportError:  # pragma: no cover - no Starlette, no mounts
             return "route"

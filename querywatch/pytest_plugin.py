@@ -214,7 +214,7 @@ def _snapshots(config: pytest.Config) -> SnapshotSession:
     """The snapshot part of the session, registered on first use."""
     session = config.stash.get(_SNAPSHOTS, None)
     if session is None:
-        from querywatch._snapshots import SnapshotSession
+        from querywatch._snapshots import SnapshotSession  # deferred: plugin start-up stays light
 
         _, update, strict, directory = config.stash[_SNAPSHOT_OPTIONS]
         session = config.stash[_SNAPSHOTS] = SnapshotSession(
@@ -241,7 +241,7 @@ def _snapshot_test(item: pytest.Item) -> TestSnapshot | None:
         and _SNAPSHOT not in getattr(item, "fixturenames", ())
     ):
         return None
-    from querywatch._snapshots import mode_of
+    from querywatch._snapshots import mode_of  # deferred: plugin start-up stays light
 
     try:
         mode = mode_of(item, marker=_SNAPSHOT, fixture=_SNAPSHOT, suite_wide=every)
@@ -277,8 +277,8 @@ def _activate(
 def _show_callsites_from(root: Path, config: pytest.Config) -> None:
     """Show call sites relative to the rootdir for the session, so finding ids (and with them
     the baseline) do not depend on the directory pytest was started from."""
-    from querywatch import _callsite
-    from querywatch.collection import default_settings
+    from querywatch import _callsite  # deferred: plugin start-up stays light
+    from querywatch.collection import default_settings  # deferred: plugin start-up stays light
 
     if default_settings().project_root is not None:
         return  # the user chose a root
@@ -424,6 +424,7 @@ def _marker_policy(item: pytest.Item, fail_on: frozenset[str]) -> Policy:
                 )
             max_statements = value
         elif key == "n_plus_one_threshold":
+            # deferred: plugin start-up stays light
             from querywatch.collection import default_settings
             from querywatch.exceptions import ConfigError
 
@@ -499,7 +500,7 @@ class QueryWatchSession:
         snapshot = _snapshot_test(item)
         if snapshot is None and not self._watched(item, policy):
             return (yield)
-        from querywatch.testing import WatchedUnit
+        from querywatch.testing import WatchedUnit  # deferred: plugin start-up stays light
 
         settings = policy.settings if snapshot is None else snapshot.settings(policy.settings)
         unit = item.stash[_UNIT] = WatchedUnit(item.nodeid, settings=settings)
@@ -524,6 +525,7 @@ class QueryWatchSession:
 
     def _record(self, item: pytest.Item, unit: WatchedUnit, policy: Policy) -> str:
         """Remember the test's findings; the failure message, or "" when it passes."""
+        # deferred: plugin start-up stays light
         from querywatch.testing import describe_budget, describe_findings
 
         report = unit.report
@@ -647,19 +649,20 @@ class QueryWatchFixture:
         """Watch a block inside the test: `with querywatch.watch() as report:`. Its statements
         also count toward the test's budget, and its findings are the test's. A test unit like
         the test body: requests made in the block judge their own statements."""
-        from querywatch.testing import WatchedUnit
+        from querywatch.testing import WatchedUnit  # deferred: plugin start-up stays light
 
         return WatchedUnit(name)
 
     def assert_max_statements(self, max_statements: int) -> AssertMaxStatements:
         """`with querywatch.assert_max_statements(3):` fails when the block runs more."""
+        # deferred: plugin start-up stays light
         from querywatch.testing import assert_max_statements
 
         return assert_max_statements(max_statements)
 
     def assert_no_n_plus_one(self, *, threshold: int | None = None) -> AssertNoNPlusOne:
         """`with querywatch.assert_no_n_plus_one():` fails on an N+1 finding in the block."""
-        from querywatch.testing import assert_no_n_plus_one
+        from querywatch.testing import assert_no_n_plus_one  # deferred: plugin start-up stays light
 
         return assert_no_n_plus_one(threshold=threshold)
 
@@ -675,7 +678,7 @@ def querywatch_fixture(request: pytest.FixtureRequest) -> QueryWatchFixture:
 def querywatch_snapshot_fixture(request: pytest.FixtureRequest) -> SnapshotBlocks:
     """Named blocks in the test's snapshot: `with querywatch_snapshot("after login"):`."""
     _activate(request.config)
-    from querywatch._snapshots import SnapshotBlocks
+    from querywatch._snapshots import SnapshotBlocks  # deferred: plugin start-up stays light
 
     node = request.node
     return SnapshotBlocks(lambda: node.stash.get(_SNAPSHOT_TEST, None))

@@ -115,7 +115,7 @@ class Captured:
         sync, engine = pair
         dialect = sync.dialect.name
         if engine is sync:
-            import anyio.to_thread
+            import anyio.to_thread  # deferred: anyio only with EXPLAIN on
 
             return await anyio.to_thread.run_sync(
                 _explain_sync, sync, dialect, statement, parameters
