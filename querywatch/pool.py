@@ -535,33 +535,25 @@ def _listeners(stats: PoolStats) -> dict[str, Callable[..., None]]:
         except Exception as exc:
             internal_error("pool", exc)
 
-    def on_close(dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry) -> None:
-        try:
-            stats.connections_closed_total += 1
-        except Exception as exc:
-            internal_error("pool", exc)
+    def counting(count: Callable[[], None]) -> Callable[..., None]:
+        """A listener that only counts (closes, invalidations), whatever the event passes."""
 
-    def on_close_detached(dbapi_connection: Any) -> None:
-        try:
-            stats.connections_closed_total += 1
-        except Exception as exc:
-            internal_error("pool", exc)
+        def on_event(*args: Any) -> None:
+            try:
+                count()
+            except Exception as exc:
+                internal_error("pool", exc)
 
-    def on_invalidate(
-        dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry, exception: Any
-    ) -> None:
-        try:
-            stats.invalidations_total["hard"] += 1
-        except Exception as exc:
-            internal_error("pool", exc)
+        return on_event
 
-    def on_soft_invalidate(
-        dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry, exception: Any
-    ) -> None:
-        try:
-            stats.invalidations_total["soft"] += 1
-        except Exception as exc:
-            internal_error("pool", exc)
+    def closed() -> None:
+        stats.connections_closed_total += 1
+
+    def invalidated(kind: str) -> Callable[[], None]:
+        def count() -> None:
+            stats.invalidations_total[kind] += 1
+
+        return count
 
     def on_detach(dbapi_connection: Any, record: sa_pool.ConnectionPoolEntry) -> None:
         # A detached connection leaves the pool without a checkin: it is no longer "held".
@@ -578,10 +570,10 @@ def _listeners(stats: PoolStats) -> dict[str, Callable[..., None]]:
 
     return {
         "connect": on_connect,
-        "close": on_close,
-        "close_detached": on_close_detached,
-        "invalidate": on_invalidate,
-        "soft_invalidate": on_soft_invalidate,
+        "close": counting(closed),
+        "close_detached": counting(closed),
+        "invalidate": counting(invalidated("hard")),
+        "soft_invalidate": counting(invalidated("soft")),
         "detach": on_detach,
     }
 
