@@ -19,7 +19,6 @@ import itertools
 import logging
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,9 +152,9 @@ def run(*, rounds: int, fixed_rounds: int, interval: float, output: Path) -> int
     sys.path.insert(0, str(EXAMPLES))
     import httpx
     import structlog
-    import uvicorn
     from prometheus_client import CollectorRegistry
     from shop.app import create_app
+    from shop.serving import serve_in_background
     from shop.traffic import ROUND, drive
 
     # Findings are the point of the run, not of its output: keep the terminal quiet.
@@ -163,19 +162,11 @@ def run(*, rounds: int, fixed_rounds: int, interval: float, output: Path) -> int
     fixed_round = tuple(call for call in ROUND if call[1].split("?")[0] in FIXED_PATHS)
     with tempfile.TemporaryDirectory() as scratch:
         app = create_app(f"sqlite:///{scratch}/shop.db", registry=CollectorRegistry())
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                access_log=False, lifespan="off")  # fmt: skip
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)  # waiting for uvicorn's startup flag, bounded
-        if not server.started:
+        served = serve_in_background(app)
+        if served is None:
             print("metrics_png: the shop did not start", file=sys.stderr)
             return 1
-        port = server.servers[0].sockets[0].getsockname()[1]
-        base_url = f"http://127.0.0.1:{port}"
+        base_url = served.base_url
 
         async def traffic_and_scrapes() -> tuple[list[Scrape], float]:
             scrapes: list[Scrape] = []
@@ -205,8 +196,7 @@ def run(*, rounds: int, fixed_rounds: int, interval: float, output: Path) -> int
         try:
             scrapes, fix_at = asyncio.run(traffic_and_scrapes())
         finally:
-            server.should_exit = True
-            thread.join(10)
+            served.stop()
     if len(scrapes) < 3:
         print(f"metrics_png: only {len(scrapes)} scrapes; raise --rounds", file=sys.stderr)
         return 1

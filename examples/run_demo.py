@@ -17,7 +17,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import threading
 import venv
 from pathlib import Path
 
@@ -92,11 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(*, port: int, serve: bool, use_async: bool) -> int:
     import asyncio
-    import time
 
     import httpx
-    import uvicorn
     from shop.logs import configure_logging
+    from shop.serving import serve_in_background
     from shop.traffic import ASYNC_ROUND, ROUND, Call, drive
 
     import querywatch
@@ -113,19 +111,11 @@ def run(*, port: int, serve: bool, use_async: bool) -> int:
     if serve:  # the live console, for a developer at this machine (loopback only)
         settings = settings.replace(console=True)
     app = create_app(settings=settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            access_log=False, lifespan="off")  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)  # waiting for uvicorn's startup flag, bounded
-    if not server.started:
+    served = serve_in_background(app, port=port)
+    if served is None:
         print("demo: the server did not start", file=sys.stderr)
         return 1
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    base_url = f"http://127.0.0.1:{bound}"
+    base_url = served.base_url
     print(f"demo: the shop is serving on {base_url}; querywatch's log lines follow", flush=True)
 
     async def traffic() -> tuple[list[Call], str]:
@@ -151,9 +141,8 @@ def run(*, port: int, serve: bool, use_async: bool) -> int:
         print(f"demo: still serving on {base_url} (/docs, /metrics); Ctrl-C to stop", flush=True)
         print(f"demo: querywatch console: {base_url}{settings.console_path}/", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            thread.join()
-    server.should_exit = True
-    thread.join(10)
+            served.wait()
+    served.stop()
     return 0 if findings and not unexpected else 1
 
 
