@@ -182,16 +182,20 @@ def _record_load(
     statement: str | None = None
     callsite: str | None = None
     dialect: Any = None
-    seconds = 0.0
+    # The load's database time: its statements' while they are still pending (the wall time
+    # of the load once some of them were folded).
+    if 0 < ran <= len(pending):
+        seconds = sum([entry[3] for entry in pending[-ran:]])
+    else:
+        seconds = perf_counter() - t0
     if ran == 1 and pending:
         # The load's own SELECT, just recorded with its call site: the same user line that
         # touched the attribute, so no second stack walk. Only when it is the one statement
         # recorded meanwhile: with other threads writing the unit, the last entry may be theirs.
         last = pending[-1]
-        statement, callsite, dialect, seconds = last[0], last[5][0], last[4][1], last[3]
+        statement, callsite, dialect = last[0], last[5][0], last[4][1]
     if callsite is None:
         callsite = _callsite.capture(1)
-        seconds = perf_counter() - t0
     parent = id(state)
     group_key = (f"{pattern}:{subject}", callsite)
     for c in collector.chain:

@@ -67,7 +67,8 @@ def record_statement(
     fold, which keeps only their hash (values only with `Settings.log_parameters`)."""
     if _guard.injected_faults:
         _guard.maybe_fail("engine")
-    if getattr(context, "execute_style", None) is _INSERTMANYVALUES:
+    paged = getattr(context, "execute_style", None) is _INSERTMANYVALUES
+    if paged:
         # insertmanyvalues sends one `execute()` of many rows as several statements, pages of
         # one execution context: one logical statement, whatever the number of pages. The
         # context is held weakly (a strong reference would keep its cursor open).
@@ -75,13 +76,11 @@ def record_statement(
         if last is not None and last() is context:
             collector.add_page(seconds)
             return
-        txn = _transaction_for(context)
-        collector.pending.append((statement, parameters, t0, seconds, source, where, txn))
+    pending = collector.pending
+    pending.append((statement, parameters, t0, seconds, source, where, _transaction_for(context)))
+    if paged:
         collector.first_page(context)
-    else:
-        txn = _transaction_for(context)
-        collector.pending.append((statement, parameters, t0, seconds, source, where, txn))
-    if len(collector.pending) >= FOLD_EVERY:
+    if len(pending) >= FOLD_EVERY:
         collector.fold()
 
 
