@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from _common import POSTGRES_URL, Base, build, interleaved, print_ratio, request, timed
 
 import querywatch
-from querywatch import _orm, reporting
+from querywatch import _orm, _reporting
 
 
 def run(engine: sa.Engine, n: int, watched: bool) -> tuple[float, float]:
@@ -63,7 +63,7 @@ def main() -> None:
     querywatch.instrument(watched_engine)
     # Findings are the point here, not their log lines: instrument() installed the structlog
     # reporter, which goes again.
-    reporting.uninstall()
+    _reporting.uninstall()
     n = args.requests
     results = interleaved(
         args.rounds,

@@ -56,7 +56,7 @@ from prometheus_client import CollectorRegistry
 import querywatch
 import querywatch.fastapi
 import querywatch.otel
-from querywatch import reporting
+from querywatch import _reporting
 
 
 class Sdk:
@@ -264,7 +264,7 @@ def main() -> None:
     querywatch.instrument(engine)
     # The bridge is what is measured, not log lines: instrument() installed the structlog
     # reporter, which goes again (the middleware of --stack installs it once more).
-    reporting.uninstall()
+    _reporting.uninstall()
     sdk = Sdk()
     print(
         f"SQLAlchemy {sa.__version__}, PostgreSQL (psycopg), {args.rounds} interleaved rounds x "

@@ -59,7 +59,7 @@ from sqlalchemy.orm import Session
 import querywatch
 import querywatch.fastapi
 from querywatch import _callsite, _guard, _orm, fingerprinting
-from querywatch.collection import current_collector
+from querywatch._collection import current_collector
 
 AUTHORS = 2_000
 BOOKS_PER_AUTHOR = 3

@@ -30,9 +30,9 @@ PUBLIC_MODULES = (
     "querywatch.fingerprinting",
     "querywatch.exceptions",
 )
-#: Modules without a leading underscore that are not part of the public API (re-exported from
-#: `querywatch`, or internal plumbing between the layers).
-INTERNAL_MODULES = (
+#: Import paths of 0.1.0 that are internal modules now (`querywatch._collection` ...): they
+#: still answer, with a `DeprecationWarning` (`querywatch._moved`), until 0.3.
+DEPRECATED_MODULES = (
     "querywatch.collection",
     "querywatch.detection",
     "querywatch.instrumentation",

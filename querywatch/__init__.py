@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from querywatch._autoinstrument import AutoInstrumentation, instrument_all, uninstrument_all
-    from querywatch.collection import (
+    from querywatch._collection import (
         HttpRequest,
         PoolReport,
         Report,
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
         current_report,
         watch,
     )
+    from querywatch._instrumentation import Instrumentation, instrument, uninstrument
+    from querywatch._reporting import add_fields
     from querywatch.exceptions import (
         ConfigError,
         FindingsDetected,
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
         QueryWatchWarning,
     )
     from querywatch.fingerprinting import fingerprint
-    from querywatch.instrumentation import Instrumentation, instrument, uninstrument
     from querywatch.middleware import QueryWatchMiddleware
     from querywatch.settings import Settings
 
@@ -45,6 +46,7 @@ __all__ = [
     "QueryWatchWarning",
     "Report",
     "Settings",
+    "add_fields",
     "add_reporter",
     "configure",
     "current_report",
@@ -65,22 +67,23 @@ _LOCATIONS = {
     "NPlusOneDetected": "querywatch.exceptions",
     "QueryWatchError": "querywatch.exceptions",
     "QueryWatchWarning": "querywatch.exceptions",
-    "HttpRequest": "querywatch.collection",
-    "PoolReport": "querywatch.collection",
-    "Report": "querywatch.collection",
-    "add_reporter": "querywatch.collection",
-    "configure": "querywatch.collection",
-    "current_report": "querywatch.collection",
-    "watch": "querywatch.collection",
+    "HttpRequest": "querywatch._collection",
+    "PoolReport": "querywatch._collection",
+    "Report": "querywatch._collection",
+    "add_reporter": "querywatch._collection",
+    "configure": "querywatch._collection",
+    "current_report": "querywatch._collection",
+    "watch": "querywatch._collection",
     "fingerprint": "querywatch.fingerprinting",
-    "Instrumentation": "querywatch.instrumentation",
-    "instrument": "querywatch.instrumentation",
-    "uninstrument": "querywatch.instrumentation",
+    "Instrumentation": "querywatch._instrumentation",
+    "instrument": "querywatch._instrumentation",
+    "uninstrument": "querywatch._instrumentation",
     "AutoInstrumentation": "querywatch._autoinstrument",
     "instrument_all": "querywatch._autoinstrument",
     "uninstrument_all": "querywatch._autoinstrument",
     "QueryWatchMiddleware": "querywatch.middleware",
     "Settings": "querywatch.settings",
+    "add_fields": "querywatch._reporting",
 }
 
 

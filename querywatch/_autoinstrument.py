@@ -28,8 +28,8 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.pool import Pool
 
 from querywatch import _guard
-from querywatch.collection import configure
-from querywatch.instrumentation import Instrumentation, instrument
+from querywatch._collection import configure
+from querywatch._instrumentation import Instrumentation, instrument
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

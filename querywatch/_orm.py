@@ -35,9 +35,9 @@ from sqlalchemy.orm import attributes
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from querywatch import _callsite
+from querywatch._collection import Collector, LazyGroup, current_unit
 from querywatch._engines import instrumented_engines
 from querywatch._guard import internal_error, maybe_fail
-from querywatch.collection import Collector, LazyGroup, current_unit
 from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
 from querywatch.fingerprinting import dialect_key, shape_of
 

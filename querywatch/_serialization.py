@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from querywatch import _callsite, _guard
-from querywatch.collection import current_unit
+from querywatch._collection import current_unit
 
 __all__ = ["install_serialization_hook"]
 

@@ -42,7 +42,7 @@ else:
 if TYPE_CHECKING:
     import pytest
 
-    from querywatch.collection import Query, Report
+    from querywatch._collection import Query, Report
     from querywatch.settings import Settings
     from querywatch.testing import WatchedUnit
 
@@ -396,7 +396,7 @@ class Built:
 
 def _dialect_names() -> dict[str, str]:
     # deferred: loaded by the plugin, lazily
-    from querywatch.instrumentation import instrumented_engines
+    from querywatch._instrumentation import instrumented_engines
 
     names: dict[str, str] = {}
     for handle in instrumented_engines():
@@ -851,7 +851,7 @@ _last_settings: tuple[Settings, Settings] | None = None
 def _settings(settings: Settings | None) -> Settings:
     """`settings` (default: the process-wide ones) keeping enough statements for a record."""
     global _last_settings
-    from querywatch.collection import default_settings  # deferred: loaded by the plugin, lazily
+    from querywatch._collection import default_settings  # deferred: loaded by the plugin, lazily
 
     base = settings if settings is not None else default_settings()
     if base.max_queries >= MAX_RECORDED_STATEMENTS:

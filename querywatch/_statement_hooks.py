@@ -19,9 +19,9 @@ from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from querywatch import _guard
 from querywatch._callsite import Where, where_for
+from querywatch._collection import FOLD_EVERY, Collector, current_unit
 from querywatch._engines import Instrumentation
 from querywatch._guard import internal_error
-from querywatch.collection import FOLD_EVERY, Collector, current_unit
 
 __all__ = ["attach", "record_statement"]
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.engine import Engine
 
-from querywatch import _autoinstrument, metrics
+from querywatch import _autoinstrument, _metrics
+from querywatch._collection import default_settings
+from querywatch._instrumentation import Instrumentation, instrument, sync_engine_of
 from querywatch._serialization import install_serialization_hook
-from querywatch.collection import default_settings
-from querywatch.instrumentation import Instrumentation, instrument, sync_engine_of
 from querywatch.middleware import QueryWatchMiddleware
 from querywatch.settings import Settings
 
@@ -89,7 +89,7 @@ def setup(
     )
     if serve:
         assert metrics_path is not None
-        metrics.install(registry)
+        _metrics.install(registry)
         route = Route(metrics_path, metrics_endpoint(registry), methods=["GET"])
         add_route = getattr(app, "add_route", None)
         if add_route is not None:
@@ -141,7 +141,7 @@ def metrics_endpoint(
     target = REGISTRY if registry is None else registry
 
     async def querywatch_metrics(request: Request) -> Response:
-        if metrics.multiprocess_mode():
+        if _metrics.multiprocess_mode():
             # deferred: multiprocess mode only when asked
             from prometheus_client import CollectorRegistry
             from prometheus_client.multiprocess import MultiProcessCollector

@@ -26,16 +26,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from querywatch import _autoinstrument, _guard, reporting
-from querywatch import metrics as prometheus_metrics
-from querywatch._serialization import install_serialization_hook
-from querywatch.collection import (
+from querywatch import _autoinstrument, _guard, _reporting
+from querywatch import _metrics as prometheus_metrics
+from querywatch._collection import (
     Collector,
     HttpRequest,
     close_unit,
     default_settings,
     open_unit,
 )
+from querywatch._serialization import install_serialization_hook
 from querywatch.settings import Settings
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class QueryWatchMiddleware:
         self.app = app
         self.settings = settings
         self.exclude_paths = frozenset(exclude_paths)
-        reporting.install()
+        _reporting.install()
         #: The metrics this app's requests record into: its own registry's, or none.
         self.metrics: tuple[Any, ...] = ()
         if metrics:

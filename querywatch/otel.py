@@ -55,12 +55,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
     ) from exc
 
 import querywatch
-from querywatch import _guard, pool, reporting
+from querywatch import _guard, _reporting, pool
+from querywatch._metrics import REQUEST_SECONDS_BUCKETS, REQUEST_STATEMENT_BUCKETS
 from querywatch.findings import (
     ConnectionLeakFinding,
     Finding,
 )
-from querywatch.metrics import REQUEST_SECONDS_BUCKETS, REQUEST_STATEMENT_BUCKETS
 
 __all__ = ["HeldSpan", "disable", "enable", "hold_current_span", "is_enabled", "trace_fields"]
 
@@ -213,7 +213,7 @@ class _Bridge:
             self._removers.append(pool.add_observer(self.instruments.observe_pool))
             self._removers.append(_guard.subscribe(self.instruments.count_internal_error))
         if logs:
-            self._removers.append(reporting.add_fields(trace_fields))
+            self._removers.append(_reporting.add_fields(trace_fields))
         self._removers.append(querywatch.add_reporter(self.report))
 
     def close(self) -> None:

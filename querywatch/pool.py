@@ -17,7 +17,7 @@ time), `invalidate` / `soft_invalidate`, `close`, `detach`, `close_detached`.
 cycle would pay SQLAlchemy's event dispatch for them (about 2 µs here), and the wrappers above
 see the same moments exactly.
 
-Per unit of work (`report.pool`, `querywatch.collection.PoolUsage`): checkouts, wait seconds,
+Per unit of work (`report.pool`, `querywatch._collection.PoolUsage`): checkouts, wait seconds,
 timeouts, the most connections held at once, and at the end the connections still checked out:
 one `ConnectionLeakFinding` per pool and owner's call site, computed by `finish_unit()` just
 before the detectors run.
@@ -89,9 +89,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from querywatch import _callsite
+from querywatch._collection import Collector, current_unit
 from querywatch._engines import Instrumentation, handle_of, sync_engine_of
 from querywatch._guard import guard, internal_error, maybe_fail
-from querywatch.collection import Collector, current_unit
 from querywatch.findings import ConnectionLeakFinding, finding_id
 
 if TYPE_CHECKING:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from querywatch._collection import Report
     from querywatch._snapshots import SnapshotBlocks, SnapshotSession, TestSnapshot
-    from querywatch.collection import Report
     from querywatch.findings import Finding
     from querywatch.settings import Settings
     from querywatch.testing import WatchedUnit
@@ -278,7 +278,7 @@ def _show_callsites_from(root: Path, config: pytest.Config) -> None:
     """Show call sites relative to the rootdir for the session, so finding ids (and with them
     the baseline) do not depend on the directory pytest was started from."""
     from querywatch import _callsite  # deferred: plugin start-up stays light
-    from querywatch.collection import default_settings  # deferred: plugin start-up stays light
+    from querywatch._collection import default_settings  # deferred: plugin start-up stays light
 
     if default_settings().project_root is not None:
         return  # the user chose a root
@@ -425,7 +425,7 @@ def _marker_policy(item: pytest.Item, fail_on: frozenset[str]) -> Policy:
             max_statements = value
         elif key == "n_plus_one_threshold":
             # deferred: plugin start-up stays light
-            from querywatch.collection import default_settings
+            from querywatch._collection import default_settings
             from querywatch.exceptions import ConfigError
 
             try:

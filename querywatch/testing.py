@@ -19,8 +19,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-from querywatch._snapshots import assert_query_snapshot
-from querywatch.collection import (
+from querywatch._collection import (
     Collector,
     Report,
     add_reporter,
@@ -28,6 +27,7 @@ from querywatch.collection import (
     set_fallback_parent,
     watch,
 )
+from querywatch._snapshots import assert_query_snapshot
 from querywatch.findings import Finding, NPlusOneFinding
 from querywatch.settings import Settings
 

@@ -15,7 +15,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import querywatch
-from querywatch import _guard, collection
+from querywatch import _collection, _guard
 from querywatch.settings import DEFAULT_SETTINGS
 
 PG_HOST = os.environ.get("QUERYWATCH_PG_HOST", "127.0.0.1")
@@ -105,8 +105,8 @@ def _querywatch_test_mode() -> Iterator[None]:
     yield
     _guard.raise_internal_errors = False
     _guard.injected_faults = frozenset()
-    collection.configure(DEFAULT_SETTINGS)
-    assert collection.current_collector() is None, "a test leaked an open unit of work"
+    _collection.configure(DEFAULT_SETTINGS)
+    assert _collection.current_collector() is None, "a test leaked an open unit of work"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 import querywatch
 from querywatch import Settings
-from querywatch.collection import QueryWatchWarning
+from querywatch._collection import QueryWatchWarning
 from querywatch.findings import StaleAllowlistFinding
 from tests.callsites import next_line
 from tests.models import Author, create_schema, seed

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import querywatch
 from querywatch import _guard, middleware
+from querywatch._instrumentation import instrumented_engines
 from querywatch.fastapi import setup
-from querywatch.instrumentation import instrumented_engines
 from querywatch.middleware import QueryWatchMiddleware
 from tests.conftest import ASYNCPG_URL, PSYCOPG_URL, Logs, require_postgres
 from tests.web_apps import asgi_client, run_statements, run_statements_async, warm

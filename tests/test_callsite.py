@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import querywatch
-from querywatch.collection import Collector, current_collector
+from querywatch._collection import Collector, current_collector
 
 
 def _sites(collector: Collector) -> dict[str | None, int]:

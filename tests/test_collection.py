@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import querywatch
 from querywatch import Settings
-from querywatch.collection import current_collector
+from querywatch._collection import current_collector
 
 
 def _run(engine: sa.Engine, n: int) -> None:

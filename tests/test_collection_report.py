@@ -1,4 +1,4 @@
-"""`querywatch.collection.Report`: what reporters read of a finished unit, all public."""
+"""`querywatch._collection.Report`: what reporters read of a finished unit, all public."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import querywatch
-from querywatch.collection import STATEMENT_BUCKETS
+from querywatch._collection import STATEMENT_BUCKETS
 from tests.models import Author, create_schema, seed
 
 

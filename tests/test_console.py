@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 import querywatch
 import querywatch.fastapi
-from querywatch import ConfigError, _guard, collection
+from querywatch import ConfigError, _collection, _guard
 from querywatch.console import Console, _api
 from querywatch.console._app import COOKIE, CSP, cookie_value
 from tests.web_apps import warm
@@ -146,7 +146,7 @@ def test_nothing_is_recorded_while_the_console_is_off(sqlite_web_engine: sa.Engi
 
 
 def _reporters() -> list[Any]:
-    return list(collection._reporters)
+    return list(_collection._reporters)
 
 
 # --- JSON API -----------------------------------------------------------------------------

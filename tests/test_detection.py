@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, joinedload, load_only, selectinload
 
 import querywatch
 from querywatch import Settings
-from querywatch.collection import current_collector
+from querywatch._collection import current_collector
 from querywatch.findings import NPlusOneFinding
 from tests.callsites import next_line
 from tests.models import Author, Base, Book, Publisher, Tag, create_schema, seed, seeded

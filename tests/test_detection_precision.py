@@ -172,7 +172,7 @@ def test_polling_reads_with_a_pause_are_not_a_duplicate(any_engine: sa.Engine) -
     with querywatch.watch("poll") as report, any_engine.connect() as conn:
         for _ in range(3):
             conn.execute(query).all()
-            time.sleep(querywatch.collection.POLL_INTERVAL * 1.5)  # the behaviour under test
+            time.sleep(querywatch._collection.POLL_INTERVAL * 1.5)  # the behaviour under test
     assert report.duplicates == ()
 
 

@@ -118,9 +118,9 @@ def test_except_nplusonedetected_still_catches_every_finding(sqlite_engine: sa.E
 def test_top_level_names_are_the_ones_issued_and_raised() -> None:
     """`querywatch.QueryWatchWarning` and `querywatch.FindingsDetected` are importable, listed
     in `__all__`, and are the classes `warn` and `raise` modes use."""
-    from querywatch import collection, exceptions
+    from querywatch import _collection, exceptions
 
     assert {"QueryWatchWarning", "FindingsDetected"} <= set(querywatch.__all__)
     assert querywatch.QueryWatchWarning is exceptions.QueryWatchWarning
-    assert collection.QueryWatchWarning is querywatch.QueryWatchWarning
+    assert _collection.QueryWatchWarning is querywatch.QueryWatchWarning
     assert issubclass(querywatch.FindingsDetected, querywatch.QueryWatchError)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 import querywatch
 from querywatch import Report
-from querywatch.collection import current_collector
+from querywatch._collection import current_collector
 from querywatch.fastapi import setup
 from querywatch.middleware import QueryWatchMiddleware
 from tests.models import create_schema, seed

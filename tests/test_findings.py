@@ -149,8 +149,8 @@ def test_stale_entry_headline_is_its_description() -> None:
 
 def test_kinds_named_elsewhere_are_the_classes_kinds() -> None:
     """The kinds the pytest plugin fails on and the request event counts are the classes'."""
+    from querywatch._reporting import FINDING_KINDS
     from querywatch.pytest_plugin import KINDS
-    from querywatch.reporting import FINDING_KINDS
 
     failing = (
         NPlusOneFinding,

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import querywatch
-from querywatch import _guard, metrics
-from querywatch.collection import STATEMENT_BUCKETS
+from querywatch import _guard, _metrics
+from querywatch._collection import STATEMENT_BUCKETS
+from querywatch._instrumentation import instrumented_engines
 from querywatch.fastapi import setup
-from querywatch.instrumentation import instrumented_engines
 from querywatch.middleware import QueryWatchMiddleware
 from tests.web_apps import asgi_client, fastapi_app, run_statements
 
@@ -81,7 +81,7 @@ async def test_statement_durations_are_flushed_per_bucket(web_engine: sa.Engine)
 def test_nested_units_count_each_statement_once(sqlite_web_engine: sa.Engine) -> None:
     """A job inside a job: each statement reaches the statement histogram once."""
     registry = CollectorRegistry()
-    metrics.install(registry)
+    _metrics.install(registry)
     with querywatch.watch("outer"):
         run_statements(sqlite_web_engine, 2)
         with querywatch.watch("inner"):
@@ -94,7 +94,7 @@ def test_nested_units_count_each_statement_once(sqlite_web_engine: sa.Engine) ->
 def test_install_is_idempotent_per_registry() -> None:
     """Installing twice into one registry returns the same metrics (no duplicate error)."""
     registry = CollectorRegistry()
-    assert metrics.install(registry) is metrics.install(registry)
+    assert _metrics.install(registry) is _metrics.install(registry)
 
 
 async def test_apps_built_many_times_and_rebuilt_stacks(sqlite_web_engine: sa.Engine) -> None:
@@ -114,7 +114,7 @@ async def test_apps_built_many_times_and_rebuilt_stacks(sqlite_web_engine: sa.En
 def test_internal_errors_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     """An internal error swallowed by the guard increments its component's counter."""
     registry = CollectorRegistry()
-    metrics.install(registry)
+    _metrics.install(registry)
     monkeypatch.setattr(_guard, "raise_internal_errors", False)
     with _guard.guard("reporter"):
         raise ValueError("a bug of ours")
@@ -271,7 +271,7 @@ def test_fastapi_app_is_importable_without_a_registry_argument() -> None:
     """`install()` without a registry uses prometheus_client's global REGISTRY, once."""
     from prometheus_client import REGISTRY
 
-    assert metrics.install() is metrics.install(REGISTRY)
+    assert _metrics.install() is _metrics.install(REGISTRY)
     assert isinstance(FastAPI(), FastAPI)
 
 
@@ -285,7 +285,7 @@ def test_lazy_loads_in_nested_units_are_counted_once(sqlite_web_engine: sa.Engin
     with Session(sqlite_web_engine) as session:
         seed(session)
     registry = CollectorRegistry()
-    metrics.install(registry)
+    _metrics.install(registry)
     with querywatch.watch("outer"), Session(sqlite_web_engine) as session:
         authors = session.scalars(sa.select(Author).order_by(Author.id)).all()
         with querywatch.watch("inner"):
@@ -329,7 +329,7 @@ def test_jobs_count_in_every_registry(sqlite_engine: sa.Engine) -> None:
     """A `watch()` unit belongs to no app: its findings count in every installed registry."""
     registries = [CollectorRegistry(), CollectorRegistry()]
     for registry in registries:
-        metrics.install(registry)
+        _metrics.install(registry)
     with querywatch.watch("nightly"), sqlite_engine.connect() as conn:
         for _ in range(2):
             conn.exec_driver_sql("SELECT 1")
@@ -346,7 +346,7 @@ _RELOAD = textwrap.dedent(
     from fastapi import FastAPI
     from prometheus_client import REGISTRY
 
-    forget = sys.argv[1]  # "all": every querywatch module; "metrics": querywatch.metrics only
+    forget = sys.argv[1]  # "all": every querywatch module; "metrics": querywatch._metrics only
     engine = sa.create_engine(
         "sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False}
     )
@@ -377,9 +377,9 @@ _RELOAD = textwrap.dedent(
     first = app_set_up()
     asyncio.run(get(first, "/items/2", 1))
     for name in [m for m in sys.modules if m == "querywatch" or m.startswith("querywatch.")]:
-        if forget == "all" or name == "querywatch.metrics":
+        if forget == "all" or name == "querywatch._metrics":
             del sys.modules[name]
-    importlib.import_module("querywatch.metrics")  # a fresh copy, as the next test's import
+    importlib.import_module("querywatch._metrics")  # a fresh copy, as the next test's import
     second = app_set_up()
     asyncio.run(get(second, "/items/2", 2))
     asyncio.run(get(first, "/items/2", 4))
@@ -408,7 +408,7 @@ _RELOAD = textwrap.dedent(
 @pytest.mark.parametrize("forget", ["all", "metrics"])
 def test_setup_again_after_querywatch_modules_were_reimported(tmp_path: Path, forget: str) -> None:
     """`setup()` again on the default registry, after a fixture deleted querywatch's modules
-    from `sys.modules` (all of them, or `querywatch.metrics` alone) and they were imported
+    from `sys.modules` (all of them, or `querywatch._metrics` alone) and they were imported
     again: the metrics already registered are reused, and every unit counts once."""
     script = tmp_path / "reload.py"
     script.write_text(_RELOAD)

@@ -149,7 +149,7 @@ def test_uninstall_restores_sqlalchemy() -> None:
 
 def test_the_hook_goes_when_the_last_engine_is_uninstrumented() -> None:
     """With the handle passed in, removing the last instrumentation removes the hook."""
-    from querywatch.instrumentation import instrumented_engines
+    from querywatch._instrumentation import instrumented_engines
 
     engine = sa.create_engine("sqlite://")
     others = instrumented_engines()

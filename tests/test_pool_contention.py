@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import querywatch
 from querywatch import pool as qw_pool
-from querywatch.collection import PoolReport
+from querywatch._collection import PoolReport
 from tests.conftest import ASYNCPG_URL, PSYCOPG_URL, require_postgres
 
 HOLD = 0.3

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, selectinload
 
 import querywatch
-from querywatch import collection
+from querywatch import _collection
 from querywatch.testing import QueryAssertionError, assert_max_statements, assert_no_n_plus_one
 from tests.models import Author, create_schema, seed
 
@@ -112,7 +112,7 @@ def test_unit_in_thread_without_context_counts(tmp_path: object) -> None:
 
         def job() -> None:
             # A new thread starts with an empty context, like a portal that does not copy it.
-            assert collection.current_collector() is None
+            assert _collection.current_collector() is None
             with querywatch.watch("request-in-portal"):
                 run_statements(engine, 2)
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 import querywatch
-from querywatch import metrics
+from querywatch import _metrics
 from querywatch.testing import WatchedUnit, assert_no_n_plus_one
 from tests.conftest import Logs
 
@@ -29,7 +29,7 @@ ROUTE_COUNTERS = (
 def registry() -> CollectorRegistry:
     """A fresh registry with the querywatch metrics installed."""
     registry = CollectorRegistry()
-    metrics.install(registry)
+    _metrics.install(registry)
     return registry
 
 

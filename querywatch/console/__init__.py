@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from querywatch import _guard, collection
+from querywatch import _collection, _guard
 from querywatch.console._app import ASGIApp, ConsoleApp, Receive, Scope, Send, is_loopback
 from querywatch.console._buffer import UnitBuffer, UnitSnapshot
 from querywatch.console._explain import Captured
@@ -38,15 +38,15 @@ class Console:
     def __init__(self, *, settings: Settings | None = None, engines: Iterable[Any] = ()) -> None:
         if settings is not None and not isinstance(settings, Settings):
             raise TypeError(f"Console(settings=...) takes a querywatch.Settings, got {settings!r}")
-        self.settings = settings if settings is not None else collection.default_settings()
+        self.settings = settings if settings is not None else _collection.default_settings()
         self.size = self.settings.console_units
         self.buffer = UnitBuffer(self.size)
         self.editor = editor_pattern(self.settings.console_editor)
         self.captured = Captured(engines) if self.settings.console_explain else None
         self._warned_bind = False
-        self._remove = collection.add_reporter(self._record)
+        self._remove = _collection.add_reporter(self._record)
 
-    def _record(self, report: collection.Report) -> None:
+    def _record(self, report: _collection.Report) -> None:
         self.buffer.record(report)  # the reporter: runs inside the unit's guard
 
     @property

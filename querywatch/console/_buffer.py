@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from querywatch.collection import PoolReport, Report
+from querywatch._collection import PoolReport, Report
 from querywatch.findings import Finding, NPlusOneFinding
 
 #: Routes tracked by the routes view; requests of further routes are counted under `OTHER_ROUTE`.

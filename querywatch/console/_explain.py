@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from querywatch import _guard, collection, fingerprinting
+from querywatch import _collection, _guard, fingerprinting
 
 #: SELECT shapes whose last execution is kept for EXPLAIN.
 MAX_CAPTURED = 512
@@ -82,7 +82,7 @@ class Captured:
         executemany: bool,
     ) -> None:
         try:
-            if executemany or collection.current_collector() is None:
+            if executemany or _collection.current_collector() is None:
                 return
             if not _READ.match(statement):
                 return

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 import querywatch
+from querywatch._collection import MAX_PARAMETER_KEYS, Collector, current_collector
 from querywatch._orm import MAX_DISTINCT_PARENTS
-from querywatch.collection import MAX_PARAMETER_KEYS, Collector, current_collector
 from tests.models import Author, Base
 
 

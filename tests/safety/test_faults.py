@@ -27,7 +27,7 @@ from sqlalchemy.orm.exc import DetachedInstanceError
 
 import querywatch
 import querywatch.fastapi
-from querywatch import _guard, collection
+from querywatch import _collection, _guard
 from tests.conftest import ASYNCPG_URL, PSYCOPG_URL, require_postgres
 from tests.models import Author, Base, Book
 from tests.web_apps import AuthorOut
@@ -323,7 +323,7 @@ async def test_a_failing_component_leaves_the_app_unchanged_and_is_counted(
     assert faulty.responses == baseline.responses
     assert faulty.rows == baseline.rows
     expected = {c: 0.0 for c in COMPONENTS}
-    reporters = len(collection._reporters)
+    reporters = len(_collection._reporters)
     expected[component] = float(expected_failures(component, counts, reporters))
     assert internal_errors(registry) == expected
 

@@ -27,10 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.middleware.gzip import GZipMiddleware
 
 import querywatch
-from querywatch import _callsite, _guard, collection, metrics
+from querywatch import _callsite, _collection, _guard, _metrics
 from querywatch import pool as qw_pool
+from querywatch._instrumentation import instrumented_engines, sync_engine_of
 from querywatch.fastapi import setup
-from querywatch.instrumentation import instrumented_engines, sync_engine_of
 from querywatch.middleware import QueryWatchMiddleware
 from tests.conftest import ASYNCPG_URL, PSYCOPG_URL, require_postgres
 from tests.web_apps import asgi_client, run_statements, run_statements_async, warm
@@ -418,8 +418,8 @@ async def _build_apps(engine: sa.Engine, *, fresh_registry: bool) -> tuple[AppsO
     for _ in range(20):
         await build_and_serve()
     _collect()
-    reporters, subscribers = len(collection._reporters), len(_guard._subscribers)
-    middlewares, live_metrics = _instances(QueryWatchMiddleware), len(metrics._live)
+    reporters, subscribers = len(_collection._reporters), len(_guard._subscribers)
+    middlewares, live_metrics = _instances(QueryWatchMiddleware), len(_metrics._live)
     counted = 0
     for _ in range(150):
         counted += await build_and_serve()
@@ -436,10 +436,10 @@ async def _build_apps(engine: sa.Engine, *, fresh_registry: bool) -> tuple[AppsO
     growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     outcome = AppsOutcome(
         requests_counted=counted,
-        reporters_added=len(collection._reporters) - reporters,
+        reporters_added=len(_collection._reporters) - reporters,
         subscribers_added=len(_guard._subscribers) - subscribers,
         middlewares_alive=_instances(QueryWatchMiddleware) - middlewares,
-        metrics_alive=len(metrics._live) - live_metrics,
+        metrics_alive=len(_metrics._live) - live_metrics,
     )
     return outcome, growth
 

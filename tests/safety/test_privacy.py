@@ -22,7 +22,7 @@ from sqlalchemy.orm.exc import DetachedInstanceError
 
 import querywatch
 from querywatch import NPlusOneDetected, Report, Settings, fingerprint
-from querywatch import metrics as metrics_module
+from querywatch import _metrics as metrics_module
 from querywatch.fastapi import setup
 from querywatch.findings import MAX_PARAMETER_EXAMPLES, MAX_PARAMETER_LENGTH
 from tests.conftest import PSYCOPG_URL, Logs, require_postgres

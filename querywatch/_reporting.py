@@ -1,0 +1,159 @@
+"""The structlog reporter: a `querywatch.request` event per HTTP request, one event per finding.
+
+Events carry JSON-friendly values only, and bound parameter values only as the bounded examples
+of `Settings.log_parameters` (off by default). Levels: `info` for a clean request, `warning` for
+findings, `error` for pool timeouts and lazy loads after close. `Settings.log_requests` decides
+which requests log `querywatch.request` (finding events are always logged); units that are not
+HTTP requests (`watch()`) log their finding events with `unit=<name>` instead of route and
+request id.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from querywatch import _guard
+from querywatch._collection import Report, add_reporter
+from querywatch.findings import Finding
+
+__all__ = ["add_fields", "install", "log_report", "uninstall"]
+
+#: Finding kinds counted on the `querywatch.request` event, in this order.
+FINDING_KINDS = (
+    "n_plus_one",
+    "duplicate_query",
+    "bulk_write",
+    "lazy_load_after_close",
+    "connection_leak",
+    "stale_allowlist_entry",
+)
+
+_logger = structlog.get_logger("querywatch")
+_remove: Callable[[], None] | None = None
+#: Sources of fields added to every event of a unit (`querywatch.otel`: trace ids).
+_field_sources: list[Callable[[Report], dict[str, Any]]] = []
+
+
+def add_fields(source: Callable[[Report], dict[str, Any]]) -> Callable[[], None]:
+    """Add `source(report)` to the fields of every event logged for a finished unit of work
+    (it runs inside this reporter's guard); returns the removal function."""
+    _field_sources.append(source)
+
+    def remove() -> None:
+        if source in _field_sources:
+            _field_sources.remove(source)
+
+    return remove
+
+
+def _extra_fields(report: Report) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for source in tuple(_field_sources):
+        fields.update(source(report))
+    return fields
+
+
+def install() -> None:
+    """Register the structlog reporter (once per process; later calls do nothing)."""
+    global _remove
+    if _remove is None:
+        _remove = add_reporter(log_report)
+
+
+def uninstall() -> None:
+    """Unregister the structlog reporter."""
+    global _remove
+    if _remove is not None:
+        _remove()
+        _remove = None
+
+
+def _context(report: Report) -> dict[str, Any]:
+    http = report.http
+    if http is None:
+        return {"unit": report.name, "unit_kind": report.kind}
+    return {"route": http.route, "method": http.method, "request_id": http.request_id}
+
+
+def log_report(report: Report) -> None:
+    """Log one finished unit of work (the reporter `install()` registers). Its own errors
+    count as component `structlog`."""
+    with _guard.guarding("structlog"):
+        _guard.maybe_fail("structlog")
+        _log_report(report)
+
+
+def _log_report(report: Report) -> None:
+    settings = report.settings
+    if not settings.enabled:
+        return
+    findings = report.findings_to_report()
+    usage = report.pool
+    timeouts = usage.timeouts
+    if findings or timeouts:
+        context = {**_context(report), **_extra_fields(report)}
+        max_sql = settings.max_sql_length
+        for finding in findings:
+            _log_finding(finding, context, max_sql)
+        if timeouts:
+            _logger.error(
+                "querywatch.pool_timeout",
+                **context,
+                kind="pool_timeout",
+                timeouts=timeouts,
+                pool_wait_ms=round(usage.wait_seconds * 1000, 3),
+                pool_checkouts=usage.checkouts,
+            )
+    http = report.http
+    if http is None:
+        return
+    policy = settings.log_requests
+    if policy == "none":
+        return
+    clean = not findings and not timeouts
+    if clean and (
+        policy == "findings"
+        or (policy == "sampled" and random.random() >= settings.log_sample_rate)
+    ):
+        return
+    counts = dict.fromkeys(FINDING_KINDS, 0)
+    worst = "info"
+    for finding in findings:
+        counts[finding.kind] = counts.get(finding.kind, 0) + 1
+        if finding.level == "error":
+            worst = "error"
+        elif worst == "info":
+            worst = "warning"
+    if timeouts:
+        worst = "error"
+    fields: dict[str, Any] = {
+        "method": http.method,
+        "route": http.route,
+        "status": http.status,
+        "duration_ms": round(report.duration_seconds * 1000, 3),
+        "request_id": http.request_id,
+        "db_statements": report.statements,
+        "db_ms": round(report.db_seconds * 1000, 3),
+        "findings": len(findings),
+        **counts,
+        "pool_timeout": timeouts,
+        "pool_checkouts": usage.checkouts,
+        "pool_wait_ms": round(usage.wait_seconds * 1000, 3),
+        "pool_leaked": usage.leaked,
+        **_extra_fields(report),
+    }
+    if http.disconnected:
+        fields["disconnected"] = True
+    if http.error is not None:
+        fields["error"] = http.error
+    getattr(_logger, worst)("querywatch.request", **fields)
+
+
+def _log_finding(finding: Finding, context: dict[str, Any], max_sql: int) -> None:
+    fields = {**context, **finding.as_log_fields(max_sql_length=max_sql)}
+    log = _logger.error if finding.level == "error" else _logger.warning
+    log(finding.event, **fields)
