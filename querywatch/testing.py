@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
+from contextvars import Token
 from types import TracebackType
 from typing import Any
 
@@ -23,9 +24,10 @@ from querywatch._collection import (
     Collector,
     Report,
     add_reporter,
+    close_unit,
     default_settings,
+    open_unit,
     set_fallback_parent,
-    watch,
 )
 from querywatch._snapshots import assert_query_snapshot
 from querywatch.findings import Finding, NPlusOneFinding
@@ -86,17 +88,23 @@ class WatchedUnit:
     """
 
     __slots__ = (
+        "_collector",
+        "_name",
         "_nested",
         "_nested_units",
         "_previous_fallback",
         "_remove_reporter",
-        "_watch",
+        "_settings",
+        "_token",
         "report",
     )
 
     def __init__(self, name: str, *, settings: Settings | None = None) -> None:
+        self._name = name
         # `log`: the unit never warns or raises by itself; the assertion decides.
-        self._watch = watch(name, settings=settings or default_settings(), mode="log", kind="test")
+        self._settings = (settings or default_settings()).replace(mode="log")
+        self._collector: Collector | None = None
+        self._token: Token[Collector | None] | None = None
         self._nested: list[Finding] = []
         self._nested_units = 0
         self._previous_fallback: Collector | None = None
@@ -104,13 +112,18 @@ class WatchedUnit:
         self.report: Report | None = None
 
     def open(self) -> Report:
-        report = self.report = self._watch.__enter__()
-        collector = report._c
+        if self._collector is not None:
+            raise RuntimeError("a WatchedUnit can be opened only once")
+        collector, self._token = open_unit(self._name, settings=self._settings, kind="test")
+        self._collector = collector
+        report = self.report = collector.report
         nested = self._nested
 
         def gather(finished: Report) -> None:
-            c = finished._c
-            if c is not collector and collector in c.chain:
+            parent = finished.parent
+            while parent is not None and parent is not report:
+                parent = parent.parent
+            if parent is report:
                 self._nested_units += 1
                 nested.extend(finished.findings)
 
@@ -125,11 +138,14 @@ class WatchedUnit:
         tb: TracebackType | None = None,
     ) -> None:
         set_fallback_parent(self._previous_fallback)
+        collector = self._collector
+        if collector is None or collector.closed:
+            return
         try:
-            if self._nested_units and self.report is not None:
-                collector = self.report._c
+            if self._nested_units:
                 collector.settings = _nested_scope(collector.settings)
-            self._watch.__exit__(exc_type, exc, tb)
+            close_unit(collector, self._token)
+            self._token = None
         finally:
             if self._remove_reporter is not None:
                 self._remove_reporter()
