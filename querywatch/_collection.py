@@ -20,11 +20,15 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate, chain, groupby, repeat
+from operator import itemgetter, sub
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from querywatch import _callsite, _guard, _statements, fingerprinting
@@ -380,6 +384,7 @@ class Collector:
         "findings",
         "finished",
         "http",
+        "kept",
         "kind",
         "last_context",
         "last_page",
@@ -432,8 +437,10 @@ class Collector:
         #: request fanning out with a copied context); the hook's one `list.append` is atomic,
         #: and everything else is done under this lock, so counts stay exact.
         self.lock = threading.RLock()
-        #: (fingerprint, operation, seconds, pool, call site) of the first `max_queries` statements
-        self.queries: list[tuple[str, str, float, str, str | None]] = []
+        #: The first `max_queries` statements, a run at a time: (fingerprint, operation, the
+        #: seconds of each execution, pool, call site); `kept` counts the executions.
+        self.queries: list[tuple[str, str, list[float], str, str | None]] = []
+        self.kept = 0
         #: Statements not folded yet, in execution order. Only ever appended to by the hook
         #: and trimmed from the front by the fold: it stays the same list object, so an append
         #: racing a fold in another thread is never lost.
@@ -526,182 +533,288 @@ class Collector:
                 c._fold(batch, False)
 
     def _fold(self, pending: list[Pending], innermost: bool) -> None:
-        # Written out inline: this loop runs for every statement, and a method call per step
-        # would cost as much as the step. Consecutive executions of one statement from one place
-        # (the body of a loop) form a run: its shape, site, counters and the state its reads
-        # see are worked out once per run, not once per statement.
+        # Consecutive executions of one statement from one place in one transaction (the body
+        # of a loop) form a run: its shape, site, counters and the state its reads see are
+        # worked out once per run, and its per-execution figures (durations, parameter hashes,
+        # idle clocks) with C-level iteration (`map`, `zip`, `accumulate`), not a Python step
+        # per statement. Python loops per execution remain only for what needs them: paged
+        # shapes, IN lists, parameter examples, and reads whose repeats are not plainly
+        # duplicates (`_reads_one_by_one`).
         shapes = self.shapes
         queries = self.queries
-        room = self.max_queries - len(queries)
+        room = self.max_queries - self.kept
         examples: dict[int, str] | None = {} if self.settings.log_parameters else None
         table_writes = self.table_writes
         other_durations = self.other_pool_durations
         clock = self.db_clock
         last_source: Any = None
-        last_statement: Any = None
-        last_where: Any = None
         cache: dict[str, StatementShape] = {}
         dialect: str | None = None
-        pool = fingerprint = operation = ""
-        shape: Shape | None = None
-        site: Site | None = None
-        info: ShapeInfo | None = None
-        buckets: list[int] = []
-        histogram = False
-        last_reads: dict[int, tuple[tuple[Any, int, int], float, Where, int]] = {}
-        duplicates: dict[int, Duplicate] = {}
-        #: the run so far: executions and their seconds, not yet added to shape and site
-        run_count = 0
-        run_seconds = 0.0
-        #: the state the run's reads see (None: not worked out yet), for transaction `state_txn`
-        state: tuple[Any, int, int] | None = None
-        state_txn: Any = None
-        for index, (statement, parameters, t0, seconds, source, where, txn) in enumerate(pending):
-            if (
-                statement is not last_statement
-                or where is not last_where
-                or source is not last_source
-            ):
-                if run_count and shape is not None:
-                    shape.count += run_count
-                    shape.seconds += run_seconds
-                    if histogram:
-                        shape.bucket_seconds += run_seconds
-                    if site is not None:
-                        site.count += run_count
-                        site.seconds += run_seconds
-                run_count = 0
-                run_seconds = 0.0
-                state = None
-                if source is not last_source:
-                    last_source = source
-                    pool = source[0]
-                    dialect = dialect_key(source[1])  # once per fold and engine
-                    cache = cache_for(dialect)
-                last_statement = statement
-                last_where = where
-                shaped = cache.get(statement)
-                if shaped is None:
-                    shaped = shape_of(statement, dialect=dialect)
-                fingerprint, operation, _ = shaped
-                shape = shapes.get(fingerprint)
-                if shape is None and len(shapes) < self.max_shapes:
-                    shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
-                if shape is not None:
-                    # The shape's own string: the queries of a long statement (too long for
-                    # the fingerprint cache, so fingerprinted anew each time) share one copy.
-                    fingerprint = shape.fingerprint
-                    info = shape.info
-                    sites = shape.sites
-                    site = sites.get(where[0])
-                    if site is None and len(sites) < MAX_CALLSITES:
-                        site = sites[where[0]] = Site(info)
-                    # Durations feed the statement histogram once, from the innermost unit.
-                    histogram = innermost and pool == shape.pool
-                    buckets = shape.buckets
-                    last_reads = shape.last
-                    duplicates = shape.duplicates
-            before = clock
-            clock += seconds
-            if room > 0:
-                queries.append((fingerprint, operation, seconds, pool, where[0]))
-                room -= 1
-            if shape is None:
-                self.untracked_statements += 1
-                continue
-            assert info is not None
-            run_count += 1
-            run_seconds += seconds
-            if histogram:
-                buckets[bisect_left(STATEMENT_BUCKETS, seconds)] += 1
-            elif innermost and len(other_durations) < MAX_OTHER_POOL_DURATIONS:
-                other_durations.append((pool, operation, seconds))
-            # `_parameter_key`, its common case inlined: a tuple of hashable values, no UUID.
-            if type(parameters) is tuple and UUID not in map(type, parameters):
-                try:
-                    key: int | None = hash((statement, parameters))
-                except TypeError:
-                    key = _parameter_key(statement, parameters)
+        pool = ""
+        index = 0
+        for (statement, where, source, txn), group in groupby(pending, _RUN):
+            run = list(group)
+            n = len(run)
+            start = index
+            index += n
+            if source is not last_source:
+                last_source = source
+                pool = source[0]
+                dialect = dialect_key(source[1])  # once per fold and engine
+                cache = cache_for(dialect)
+            shaped = cache.get(statement)
+            if shaped is None:
+                shaped = shape_of(statement, dialect=dialect)
+            fingerprint, operation, _ = shaped
+            shape = shapes.get(fingerprint)
+            if shape is None and len(shapes) < self.max_shapes:
+                shape = shapes[fingerprint] = Shape(fingerprint, operation, pool)
+            if n == 1:  # the common case outside loops: no iteration machinery
+                seconds = [run[0][3]]
+                befores = [clock]
+                clock += seconds[0]
             else:
-                key = _parameter_key(statement, parameters)
+                seconds = list(map(_SECONDS, run))
+                # The database clock before each execution (and after the run, last).
+                befores = list(accumulate(seconds, initial=clock))
+                clock = befores.pop()
+            if shape is not None:
+                # The shape's own string: the queries of a long statement (too long for the
+                # fingerprint cache, so fingerprinted anew each time) share one copy.
+                fingerprint = shape.fingerprint
+            if room > 0:
+                taken = min(room, n)
+                queries.append(
+                    (fingerprint, operation, seconds if taken == n else seconds[:taken], pool,
+                     where[0])
+                )  # fmt: skip
+                self.kept += taken
+                room -= taken
+            if shape is None:
+                self.untracked_statements += n
+                continue
+            info = shape.info
+            run_seconds = sum(seconds)
+            shape.count += n
+            shape.seconds += run_seconds
+            # Durations feed the statement histogram once, from the innermost unit.
+            if innermost and pool == shape.pool:
+                shape.bucket_seconds += run_seconds
+                buckets = shape.buckets
+                lowest = bisect_left(STATEMENT_BUCKETS, seconds[0] if n == 1 else min(seconds))
+                if n == 1 or lowest == bisect_left(STATEMENT_BUCKETS, max(seconds)):
+                    buckets[lowest] += n
+                else:
+                    for bucket in map(_BUCKET, seconds):
+                        buckets[bucket] += 1
+            elif innermost and len(other_durations) < MAX_OTHER_POOL_DURATIONS:
+                other_durations.extend(
+                    zip(repeat(pool, MAX_OTHER_POOL_DURATIONS - len(other_durations)),
+                        repeat(operation), seconds)
+                )  # fmt: skip
+            if n == 1:
+                parameters = [run[0][1]]
+                keys = [_parameter_key(statement, parameters[0])]
+            else:
+                parameters = list(map(_PARAMETERS, run))
+                keys = _parameter_keys(statement, parameters)
+            sites = shape.sites
+            site = sites.get(where[0])
+            if site is None and len(sites) < MAX_CALLSITES:
+                site = sites[where[0]] = Site(info)
             if site is not None:
-                if key is not None and len(site.parameter_keys) < MAX_PARAMETER_KEYS:
-                    site.parameter_keys.add(key)
+                site.count += n
+                site.seconds += run_seconds
+                known = site.parameter_keys
+                if n > 1:
+                    _add_keys(known, keys)
+                elif keys[0] is not None and len(known) < MAX_PARAMETER_KEYS:
+                    known.add(keys[0])
                 filters = site.filter_keys
-                if filters is not None and len(filters) < MAX_PARAMETER_KEYS:
+                if filters is not None:
                     slots = _statements.paging_slots(statement)
-                    filters.add(_hash(_statements.filter_values(parameters, slots)))
+                    for values in parameters:
+                        if len(filters) >= MAX_PARAMETER_KEYS:
+                            break
+                        filters.add(_hash(_statements.filter_values(values, slots)))
                 lengths = site.in_lengths
                 if lengths is not None:
-                    length = _statements.in_list_length(statement, parameters)
-                    if length in lengths or len(lengths) < MAX_IN_LENGTHS:
-                        lengths[length] = lengths.get(length, 0) + 1
+                    for values in parameters:
+                        length = _statements.in_list_length(statement, values)
+                        if length in lengths or len(lengths) < MAX_IN_LENGTHS:
+                            lengths[length] = lengths.get(length, 0) + 1
                 if examples is not None:
                     kept = site.examples
                     if kept is None:
                         kept = site.examples = {}
-                    if len(kept) < MAX_PARAMETER_EXAMPLES and key not in kept:
-                        kept[key] = _example(examples, pending, index)
+                    for offset, key in enumerate(keys):
+                        if len(kept) >= MAX_PARAMETER_EXAMPLES:
+                            break
+                        if key not in kept:
+                            kept[key] = _example(examples, pending, start + offset)
             written = info.written
             if written is not None:
-                table_writes[written] = table_writes.get(written, 0) + 1
-                self.writes += 1
+                table_writes[written] = table_writes.get(written, 0) + n
+                self.writes += n
                 continue
             if not info.reads:
                 if info.boundary or operation != "OTHER":
-                    self.barrier += 1  # a write whose table cannot be read off: anything changed
-                continue
-            if key is None:
+                    self.barrier += n  # writes whose table cannot be read off: anything changed
                 continue
             # Duplicates: a read repeated in the same state - its transaction, the boundaries
             # sent as statements, the writes to the tables it reads - without a pause between
             # (idle time: wall time not spent running statements) is redundant. Within a run
-            # nothing is written, so the state changes only with the transaction.
-            if state is None or txn != state_txn:
-                tables = info.tables
-                if not tables:
-                    seen = self.writes
-                elif len(tables) == 1:
-                    seen = table_writes.get(info.table, 0)
-                else:
-                    seen = sum(table_writes.get(table, 0) for table in tables)
-                state = (txn, self.barrier, seen)
-                state_txn = txn
-            idle = t0 - before
-            last = last_reads.get(key)
-            if last is None:
-                if len(last_reads) < MAX_PARAMETER_KEYS:
-                    last_reads[key] = (state, idle, where, 1)
-                continue
-            if (last[0] is state or last[0] == state) and idle - last[1] < POLL_INTERVAL:
-                run = last[3] + 1
-                duplicate = duplicates.get(key)
-                if duplicate is None:
-                    duplicate = duplicates[key] = Duplicate(last[2])
-                duplicate.redundant += 1
-                if run > duplicate.most:
-                    duplicate.most = run
-                wheres = duplicate.wheres
-                if (
-                    where is not wheres[-1]
-                    and len(wheres) < MAX_DUPLICATE_SITES
-                    and where not in wheres
-                ):
-                    wheres.append(where)
-                if examples is not None and duplicate.examples is None:
-                    duplicate.examples = _example(examples, pending, index)
-                last_reads[key] = (state, idle, where, run)
+            # nothing is written: the state is the run's.
+            tables = info.tables
+            if not tables:
+                seen = self.writes
+            elif len(tables) == 1:
+                seen = table_writes.get(info.table, 0)
             else:
-                last_reads[key] = (state, idle, where, 1)
-        if run_count and shape is not None:
-            shape.count += run_count
-            shape.seconds += run_seconds
-            if histogram:
-                shape.bucket_seconds += run_seconds
-            if site is not None:
-                site.count += run_count
-                site.seconds += run_seconds
+                seen = sum(table_writes.get(table, 0) for table in tables)
+            state = (txn, self.barrier, seen)
+            idles = [run[0][2] - befores[0]] if n == 1 else list(map(sub, map(_T0, run), befores))
+            if (
+                n > 1
+                and examples is None
+                and None not in keys
+                and _reads_at_once(shape, cast("list[int]", keys), idles, state, where)
+            ):
+                continue
+            _reads_one_by_one(shape, keys, idles, state, where, examples, pending, start)
         self.db_clock = clock
+
+
+#: A pending entry's run: (statement, (call site, caller), source, transaction).
+_RUN = itemgetter(0, 5, 4, 6)
+_PARAMETERS = itemgetter(1)
+_T0 = itemgetter(2)
+_SECONDS = itemgetter(3)
+_BUCKET = partial(bisect_left, STATEMENT_BUCKETS)
+
+
+def _add_keys(known: set[int], keys: list[int | None]) -> None:
+    """Add the parameter hashes `keys` (None: an executemany batch) to `known`, up to
+    `MAX_PARAMETER_KEYS`."""
+    if None in keys:
+        keys = [key for key in keys if key is not None]
+    if len(known) + len(keys) <= MAX_PARAMETER_KEYS:
+        known.update(cast("list[int]", keys))
+        return
+    for key in cast("list[int]", keys):
+        if len(known) >= MAX_PARAMETER_KEYS:
+            return
+        known.add(key)
+
+
+def _parameter_keys(statement: str, parameters: list[Any]) -> list[int | None]:
+    """`_parameter_key` of each parameter set of a run, the common cases (tuples or dicts of
+    hashable values, no UUID) hashed without a Python step per execution."""
+    kind = type(parameters[0])
+    if len(parameters) == 1 or set(map(type, parameters)) == {kind}:
+        rows: list[Any] | None = None
+        if kind is tuple:
+            values = chain.from_iterable(parameters)
+            rows = parameters
+        elif kind is dict:
+            values = chain.from_iterable(map(dict.values, parameters))
+            rows = list(map(tuple, map(dict.items, parameters)))
+        if rows is not None and UUID not in map(type, values):
+            try:
+                return list(map(hash, zip(repeat(statement), rows)))
+            except TypeError:  # unhashable values (arrays, JSON)
+                pass
+    return [_parameter_key(statement, values) for values in parameters]
+
+
+def _reads_at_once(
+    shape: Shape, keys: list[int], idles: list[float], state: tuple[Any, int, int], where: Where
+) -> bool:
+    """Track the duplicates of a run of reads per distinct parameter set, when every repeat in
+    it is plainly a duplicate or plainly not (no pause of `POLL_INTERVAL` within the run or
+    since an earlier read of the same values); False, changing nothing, otherwise."""
+    last_reads = shape.last
+    low, high = min(idles), max(idles)
+    if high - low >= POLL_INTERVAL:
+        return False
+    latest = dict(zip(keys, idles, strict=True))
+    if len(latest) == len(keys) and last_reads.keys().isdisjoint(latest):
+        # Values not read before, each once: nothing redundant.
+        if len(last_reads) + len(keys) > MAX_PARAMETER_KEYS:
+            return False
+        fresh = zip(repeat(state), idles, repeat(where), repeat(1))
+        last_reads.update(zip(keys, fresh, strict=True))
+        return True
+    counts = Counter(keys)
+    if len(last_reads) + len(counts) > MAX_PARAMETER_KEYS:
+        return False
+    priors = [last_reads.get(key) for key in counts]
+    for prior in priors:
+        if prior is not None and prior[0] == state and high - prior[1] >= POLL_INTERVAL:
+            return False
+    duplicates = shape.duplicates
+    for (key, count), prior in zip(counts.items(), priors, strict=True):
+        if prior is not None and (prior[0] is state or prior[0] == state):
+            redundant, run, first = count, prior[3] + count, prior[2]
+        else:
+            redundant, run, first = count - 1, count, where
+        last_reads[key] = (state, latest[key], where, run)
+        if not redundant:
+            continue
+        duplicate = duplicates.get(key)
+        if duplicate is None:
+            duplicate = duplicates[key] = Duplicate(first)
+        duplicate.redundant += redundant
+        if run > duplicate.most:
+            duplicate.most = run
+        wheres = duplicate.wheres
+        if where is not wheres[-1] and len(wheres) < MAX_DUPLICATE_SITES and where not in wheres:
+            wheres.append(where)
+    return True
+
+
+def _reads_one_by_one(
+    shape: Shape,
+    keys: list[int | None],
+    idles: list[float],
+    state: tuple[Any, int, int],
+    where: Where,
+    examples: dict[int, str] | None,
+    pending: list[Pending],
+    start: int,
+) -> None:
+    """Track the duplicates of a run of reads one execution at a time: a repeat is redundant
+    unless `POLL_INTERVAL` of idle time passed since the previous read of the same values."""
+    last_reads = shape.last
+    duplicates = shape.duplicates
+    for offset, (key, idle) in enumerate(zip(keys, idles, strict=True)):
+        if key is None:
+            continue
+        last = last_reads.get(key)
+        if last is None:
+            if len(last_reads) < MAX_PARAMETER_KEYS:
+                last_reads[key] = (state, idle, where, 1)
+            continue
+        if (last[0] is state or last[0] == state) and idle - last[1] < POLL_INTERVAL:
+            run = last[3] + 1
+            duplicate = duplicates.get(key)
+            if duplicate is None:
+                duplicate = duplicates[key] = Duplicate(last[2])
+            duplicate.redundant += 1
+            if run > duplicate.most:
+                duplicate.most = run
+            wheres = duplicate.wheres
+            if (
+                where is not wheres[-1]
+                and len(wheres) < MAX_DUPLICATE_SITES
+                and where not in wheres
+            ):
+                wheres.append(where)
+            if examples is not None and duplicate.examples is None:
+                duplicate.examples = _example(examples, pending, start + offset)
+            last_reads[key] = (state, idle, where, run)
+        else:
+            last_reads[key] = (state, idle, where, 1)
 
 
 #: Distinct IN-list lengths remembered per call site.
@@ -819,15 +932,18 @@ class Report:
     @property
     def queries(self) -> tuple[Query, ...]:
         """The first `Settings.max_queries` statements, in order."""
-        self._c.fold()
-        return tuple(Query(*query) for query in self._c.queries)
+        return tuple(Query(*row) for row in self.query_rows)
 
     @property
     def query_rows(self) -> tuple[tuple[str, str, float, str, str | None], ...]:
         """`queries` as plain tuples `(fingerprint, operation, seconds, pool, callsite)`: the
         same statements without a `Query` object each (for reporters that keep them)."""
         self._c.fold()
-        return tuple(self._c.queries)
+        return tuple(
+            (fingerprint, operation, seconds, pool, callsite)
+            for fingerprint, operation, run, pool, callsite in self._c.queries
+            for seconds in run
+        )
 
     @property
     def fingerprints(self) -> dict[str, int]:
