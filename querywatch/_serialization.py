@@ -17,15 +17,31 @@ __all__ = ["install_serialization_hook"]
 _serialize_hooked = False
 
 
+#: Endpoint sites by (file, line, function): one per endpoint, formatted once.
+_sites: dict[tuple[Any, Any, Any], str | None] = {}
+_MAX_SITES = 4096
+
+
 def _endpoint_site(endpoint_ctx: Any) -> str | None:
     """`app.py:42 in list_orders (serializing its response)` from FastAPI's endpoint context
     (FastAPI >= 0.115 passes one to serialize_response), else None."""
     with _guard.guarding("fastapi"):
         _guard.maybe_fail("fastapi")
         if isinstance(endpoint_ctx, Mapping):
-            file, line, function = (endpoint_ctx.get(k) for k in ("file", "line", "function"))
-            if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
-                return _callsite.endpoint_site(file, line, function, "serializing its response")
+            where = (
+                endpoint_ctx.get("file"),
+                endpoint_ctx.get("line"),
+                endpoint_ctx.get("function"),
+            )
+            site = _sites.get(where)
+            if site is None:
+                file, line, function = where
+                if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
+                    site = _callsite.endpoint_site(file, line, function, "serializing its response")
+                    if len(_sites) >= _MAX_SITES:
+                        _sites.clear()
+                    _sites[where] = site
+            return site
     return None
 
 
