@@ -869,10 +869,12 @@ class Report:
     """What a unit of work did. Figures read inside the unit are the figures so far; they are
     final once it has ended, and findings exist only then."""
 
-    __slots__ = ("__weakref__", "_c")
+    __slots__ = ("__weakref__", "_c", "_pool")
 
     def __init__(self, collector: Collector) -> None:
         self._c = collector
+        #: `pool`, once the unit has ended (several reporters read it)
+        self._pool: PoolReport | None = None
 
     def __repr__(self) -> str:
         c = self._c
@@ -954,14 +956,20 @@ class Report:
     @property
     def pool(self) -> PoolReport:
         """Connection-pool figures: checkouts, wait, timeouts, most held at once, leaks."""
-        usage = self._c.pool
-        return PoolReport(
+        if self._pool is not None:
+            return self._pool
+        c = self._c
+        usage = c.pool
+        report = PoolReport(
             checkouts=usage.checkouts,
             wait_seconds=usage.wait_seconds,
             timeouts=usage.timeouts,
             max_held=usage.max_held,
             leaked=sum(leak.connections for leak in usage.leaked),
         )
+        if c.findings is not None:  # ended and detected: the figures are final
+            self._pool = report
+        return report
 
     @property
     def findings(self) -> tuple[Finding, ...]:
@@ -969,7 +977,8 @@ class Report:
         return self._c.findings or ()
 
     def _of(self, cls: type[Finding]) -> tuple[Any, ...]:
-        return tuple(f for f in self.findings if isinstance(f, cls))
+        findings = self._c.findings
+        return tuple(f for f in findings if isinstance(f, cls)) if findings else ()
 
     @property
     def n_plus_one(self) -> tuple[NPlusOneFinding, ...]:
@@ -1003,8 +1012,10 @@ class Report:
 
     def findings_to_report(self) -> tuple[Finding, ...]:
         """Findings not already reported by a unit of work nested inside this one."""
-        nested = self._c.nested_finding_ids
-        return tuple(f for f in self.findings if f.id not in nested)
+        c = self._c
+        findings = c.findings or ()
+        nested = c.nested_finding_ids
+        return tuple(f for f in findings if f.id not in nested) if nested else findings
 
     @property
     def shape_durations(self) -> tuple[ShapeDurations, ...]:
