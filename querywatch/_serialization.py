@@ -17,8 +17,9 @@ __all__ = ["install_serialization_hook"]
 _serialize_hooked = False
 
 
-#: Endpoint sites by (file, line, function): one per endpoint, formatted once.
-_sites: dict[tuple[Any, Any, Any], str | None] = {}
+#: Endpoint sites by (file, line, function, project root): formatted once per endpoint (the
+#: text is relative to the project root, which `Settings.project_root` may change).
+_sites: dict[tuple[Any, Any, Any, str], str] = {}
 _MAX_SITES = 4096
 
 
@@ -28,20 +29,17 @@ def _endpoint_site(endpoint_ctx: Any) -> str | None:
     with _guard.guarding("fastapi"):
         _guard.maybe_fail("fastapi")
         if isinstance(endpoint_ctx, Mapping):
-            where = (
-                endpoint_ctx.get("file"),
-                endpoint_ctx.get("line"),
-                endpoint_ctx.get("function"),
-            )
-            site = _sites.get(where)
-            if site is None:
-                file, line, function = where
-                if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
+            get = endpoint_ctx.get
+            file, line, function = get("file"), get("line"), get("function")
+            if isinstance(file, str) and isinstance(line, int) and isinstance(function, str):
+                where = (file, line, function, _callsite.project_root())
+                site = _sites.get(where)
+                if site is None:
                     site = _callsite.endpoint_site(file, line, function, "serializing its response")
                     if len(_sites) >= _MAX_SITES:
                         _sites.clear()
                     _sites[where] = site
-            return site
+                return site
     return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from pydantic import BaseModel, field_validator
 from sqlalchemy.orm import Session
 
 import querywatch
-from querywatch import Report
+from querywatch import Report, _callsite
 from querywatch._collection import current_collector
 from querywatch.fastapi import setup
 from querywatch.middleware import QueryWatchMiddleware
@@ -151,3 +152,22 @@ async def test_serialization_findings_name_the_endpoint(
     (endpoint,) = [r.endpoint for r in app.routes if getattr(r, "path", None) == "/authors"]
     line = inspect.getsourcelines(endpoint)[1]
     assert finding.callsite == f"tests/web_apps.py:{line} in authors (serializing its response)"
+
+
+async def test_the_endpoint_site_follows_the_project_root(
+    library: sa.Engine, reports: list[Report]
+) -> None:
+    """The endpoint's call site is formatted once per endpoint, and again when the project root
+    changes: call sites are shown relative to it."""
+    app = fastapi_app(library)
+    app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
+    previous = _callsite.project_root()
+    async with asgi_client(app) as c:
+        await c.get("/authors")
+        _callsite.set_project_root(str(Path(previous) / "tests"))
+        try:
+            await c.get("/authors")
+        finally:
+            _callsite.set_project_root(previous)
+    files = [str(f.callsite).split(":")[0] for r in reports for f in r.n_plus_one]
+    assert files == ["tests/web_apps.py", "web_apps.py"]
