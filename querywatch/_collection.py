@@ -711,7 +711,7 @@ def _parameter_keys(statement: str, parameters: list[Any]) -> list[int | None]:
     """`_parameter_key` of each parameter set of a run, the common cases (tuples or dicts of
     hashable values, no UUID) hashed without a Python step per execution."""
     kind = type(parameters[0])
-    if len(parameters) == 1 or set(map(type, parameters)) == {kind}:
+    if set(map(type, parameters)) == {kind}:
         rows: list[Any] | None = None
         if kind is tuple:
             values = chain.from_iterable(parameters)
