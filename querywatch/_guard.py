@@ -5,11 +5,12 @@ interval), counted, handed to subscribers (the Prometheus reporter counts it as
 `querywatch_internal_errors_total{component}`) and swallowed. Our own test suite flips
 `raise_internal_errors` so that our bugs fail our tests instead of hiding.
 
-Hot listeners (per statement, per checkout) use ``try: ... except Exception as exc:
-internal_error("engine", exc)`` inline: no call at all when nothing fails. Everything else uses one
-shape, ``with guarding("component"):`` - a cached, slotted context manager (about 0.25 us per use,
-where a `@contextmanager` generator costs about 1.4 us), like sentry-python's
-`capture_internal_exceptions`.
+Hot paths - per statement, per checkout, and once per unit of work (the middleware, closing the
+unit, the built-in reporters) - use ``try: ... except Exception as exc: internal_error("engine",
+exc)`` inline: no call at all when nothing fails, and fault injection behind ``if
+injected_faults:``. Everything else uses one shape, ``with guarding("component"):`` - a cached,
+slotted context manager (about 0.25 us per use, where a `@contextmanager` generator costs about
+1.4 us), like sentry-python's `capture_internal_exceptions`.
 """
 
 from __future__ import annotations

@@ -120,12 +120,15 @@ def _unit_route(kind: str) -> str:
 
 
 def _record_report(report: Report) -> None:
-    with _guard.guarding("metrics"):
-        _guard.maybe_fail("metrics")
+    try:  # once per unit: guarded inline (see `querywatch._guard`)
+        if _guard.injected_faults:
+            _guard.maybe_fail("metrics")
         # A request counts in its own app's registry only; other units (jobs) in every one.
         targets = report.metrics
         for metrics in list(_live) if targets is None else targets:
             metrics.record(report)
+    except Exception as exc:
+        _guard.internal_error("metrics", exc)
 
 
 def _record_internal_error(component: str) -> None:

@@ -82,9 +82,12 @@ def _context(report: Report) -> dict[str, Any]:
 def log_report(report: Report) -> None:
     """Log one finished unit of work (the reporter `install()` registers). Its own errors
     count as component `structlog`."""
-    with _guard.guarding("structlog"):
-        _guard.maybe_fail("structlog")
+    try:  # once per unit: guarded inline (see `querywatch._guard`)
+        if _guard.injected_faults:
+            _guard.maybe_fail("structlog")
         _log_report(report)
+    except Exception as exc:
+        _guard.internal_error("structlog", exc)
 
 
 def _log_report(report: Report) -> None:

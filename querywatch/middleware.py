@@ -21,18 +21,19 @@ import re
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from structlog.contextvars import bind_contextvars, reset_contextvars
+from structlog.contextvars import bind_contextvars
 
 from querywatch import _autoinstrument, _guard, _reporting
 from querywatch import _metrics as prometheus_metrics
 from querywatch._collection import (
     Collector,
-    HttpRequest,
     close_unit,
     default_settings,
+    http_request,
     open_unit,
 )
 from querywatch._serialization import install_serialization_hook
@@ -106,21 +107,25 @@ class QueryWatchMiddleware:
             await self.app(scope, receive, send)
             return
         settings = self.settings
-        method = scope.get("method", "GET")
-        if method not in KNOWN_METHODS:
-            method = "OTHER"
-        base_root_path = scope.get("app_root_path", scope.get("root_path", ""))
-        header_name, request_id = _request_id(scope, settings)
         collector: Collector | None = None
         token: Any = None
-        log_tokens: Any = None
+        log_token: Any = None
         checkouts = [0]  # on every pool, instrumented or not (see querywatch._autoinstrument)
         checkouts_token: Any = None
-        with _guard.guarding("middleware"):
+        # Once per request, so guarded inline like the hot hooks (see `querywatch._guard`).
+        try:
+            method = scope.get("method", "GET")
+            if method not in KNOWN_METHODS:
+                method = "OTHER"
+            base_root_path = scope.get("app_root_path", scope.get("root_path", ""))
+            header_name, request_id = _request_id(scope, settings)
+            request_id_bytes = request_id.encode("latin-1")
             collector, token = open_unit(method, settings=settings, kind="request")
             collector.metrics = self.metrics
-            log_tokens = bind_contextvars(request_id=request_id)
+            log_token = _bind_request_id(request_id)
             checkouts_token = _autoinstrument.checkouts.set(checkouts)
+        except Exception as exc:
+            _guard.internal_error("middleware", exc)
         if collector is None:
             await self.app(scope, receive, send)
             return
@@ -128,7 +133,6 @@ class QueryWatchMiddleware:
         status = 0
         disconnected = False
         server_timing = collector.settings.server_timing
-        request_id_bytes = request_id.encode("latin-1")
 
         async def receive_wrapper() -> Message:
             nonlocal disconnected
@@ -140,12 +144,15 @@ class QueryWatchMiddleware:
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                with _guard.guarding("middleware"):
+                try:
                     status = message["status"]
-                    _guard.maybe_fail("middleware")
+                    if _guard.injected_faults:
+                        _guard.maybe_fail("middleware")
                     message = _with_headers(
                         message, header_name, request_id_bytes, collector, server_timing
                     )
+                except Exception as exc:
+                    _guard.internal_error("middleware", exc)
             await send(message)
 
         error: BaseException | None = None
@@ -156,8 +163,9 @@ class QueryWatchMiddleware:
             raise
         finally:
             raise_findings = error is None
-            with _guard.guarding("middleware"):
-                _guard.maybe_fail("middleware")
+            try:
+                if _guard.injected_faults:
+                    _guard.maybe_fail("middleware")
                 if error is not None:
                     if isinstance(error, Exception):
                         status = 500
@@ -168,24 +176,42 @@ class QueryWatchMiddleware:
                     status = CLIENT_CLOSED_REQUEST
                 route = resolve_route(scope, base_root_path)
                 collector.name = f"{method} {route}"
-                collector.http = HttpRequest(
-                    method=method,
-                    route=route,
-                    path=scope.get("path", ""),
-                    status=status,
-                    request_id=request_id,
-                    disconnected=disconnected,
-                    error=type(error).__name__ if error is not None else None,
+                collector.http = http_request(
+                    method,
+                    route,
+                    scope.get("path", ""),
+                    status,
+                    request_id,
+                    disconnected,
+                    type(error).__name__ if error is not None else None,
                 )
-                if not collector.statements and checkouts[0] > collector.pool.checkouts:
+                if checkouts[0] > collector.pool.checkouts and not collector.statements:
                     _silent_request(route)
+            except Exception as exc:
+                _guard.internal_error("middleware", exc)
             try:
                 close_unit(collector, token, raise_findings=raise_findings)
             finally:
                 if checkouts_token is not None:
                     _autoinstrument.checkouts.reset(checkouts_token)
-                if log_tokens is not None:
-                    reset_contextvars(**log_tokens)
+                if log_token is not None:
+                    log_token.var.reset(log_token)
+
+
+#: The structlog context variable of `request_id`, once known: set directly afterwards (what
+#: `bind_contextvars(request_id=...)` does, without its per-call mapping and key formatting).
+_request_id_var: ContextVar[Any] | None = None
+
+
+def _bind_request_id(request_id: str) -> Token[Any]:
+    """Bind `request_id` in structlog's context variables; returns the token to reset."""
+    global _request_id_var
+    var = _request_id_var
+    if var is None:
+        token = bind_contextvars(request_id=request_id)["request_id"]
+        _request_id_var = token.var
+        return token
+    return var.set(request_id)
 
 
 _silent_lock = threading.Lock()
@@ -224,10 +250,18 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
+#: Request id header names as the lower-case bytes ASGI headers carry (a few per process).
+_header_names: dict[str, bytes] = {}
+
+
 def _request_id(scope: Scope, settings: Settings | None) -> tuple[bytes, str]:
     """The request id header name (lower-case bytes) and the request's id."""
-    name = (settings.request_id_header if settings is not None else _default_header()).lower()
-    header = name.encode("latin-1")
+    name = settings.request_id_header if settings is not None else _default_header()
+    header = _header_names.get(name)
+    if header is None:
+        header = name.lower().encode("latin-1")
+        if len(_header_names) < 64:
+            _header_names[name] = header
     for key, value in scope.get("headers", ()):
         if key == header:
             if _SANE_REQUEST_ID.fullmatch(value):
@@ -248,7 +282,10 @@ def _with_headers(
     server_timing: bool,
 ) -> Message:
     headers = list(message.get("headers", ()))
-    if not any(key.lower() == header for key, _ in headers):
+    for key, _ in headers:
+        if key.lower() == header:
+            break
+    else:
         headers.append((header, request_id))
     if server_timing:
         ms = collector.db_seconds * 1000
