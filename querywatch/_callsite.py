@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Callable
 from contextvars import ContextVar
 from types import CodeType, FrameType
 
@@ -205,8 +206,19 @@ def source_line(callsite: str | None) -> str:
 
 
 #: The call site to report when no user frame is on the stack: while FastAPI builds a response
-#: model (pydantic reads ORM attributes from compiled code), the endpoint being serialized.
-fallback_site: ContextVar[str | None] = ContextVar("querywatch_fallback_site", default=None)
+#: model (pydantic reads ORM attributes from compiled code), the endpoint being serialized. A
+#: site, or a function that works it out (called only when needed: most responses run no SQL).
+fallback_site: ContextVar[str | Callable[[], str | None] | None] = ContextVar(
+    "querywatch_fallback_site", default=None
+)
+
+
+def fallback() -> str | None:
+    """The call site `fallback_site` gives, if any."""
+    site = fallback_site.get()
+    if site is None or type(site) is str:
+        return site
+    return site()  # type: ignore[operator]
 
 
 def endpoint_site(filename: str, line: int, function: str, activity: str) -> str:
@@ -217,7 +229,7 @@ def endpoint_site(filename: str, line: int, function: str, activity: str) -> str
 def capture(skip: int = 1) -> str | None:
     """The call site of the caller's caller's user code (or the fallback site), else None."""
     frame = user_frame(sys._getframe(skip + 1))
-    return format_frame(frame) if frame is not None else fallback_site.get()
+    return format_frame(frame) if frame is not None else fallback()
 
 
 #: Frames looked through beyond a call site for the user code that called it.
@@ -328,7 +340,7 @@ def where_for(key: object, skip: int = 1) -> Where:
                 return memo.where
     found, depth, in_parent = _locate(sys._getframe(skip + 1))
     if found is None:
-        site = fallback_site.get()
+        site = fallback()
         return (site, None) if site is not None else _NOWHERE
     caller, distance = _caller_of(found)
     memo = _Memo(depth, in_parent, found, caller, distance)

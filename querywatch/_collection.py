@@ -16,6 +16,7 @@ metrics) once, by the innermost unit that found it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -28,7 +29,7 @@ from functools import partial
 from itertools import accumulate, chain, groupby, repeat
 from operator import itemgetter, sub
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from querywatch import _callsite, _guard, _statements, fingerprinting
@@ -62,6 +63,8 @@ __all__ = [
     "current_report",
     "watch",
 ]
+
+_D = TypeVar("_D")
 
 #: Upper bounds of `querywatch_db_statement_duration_seconds`, in seconds.
 STATEMENT_BUCKETS: tuple[float, ...] = (
@@ -328,6 +331,16 @@ class HttpRequest:
     error: str | None = None
 
 
+def frozen(cls: type[_D], /, **fields: Any) -> _D:
+    """An instance of the frozen (dict-based) dataclass `cls` with every one of its `fields`
+    given, made without its `__init__`, which sets each field through `object.__setattr__`
+    (two thirds of its cost). For the records made once per unit of work: `HttpRequest`,
+    `PoolReport`, `ShapeDurations`."""
+    instance = object.__new__(cls)
+    instance.__dict__.update(fields)
+    return instance
+
+
 def http_request(
     method: str,
     route: str,
@@ -337,10 +350,10 @@ def http_request(
     disconnected: bool,
     error: str | None,
 ) -> HttpRequest:
-    """`HttpRequest(...)`, made without the frozen dataclass's `__init__`, which sets each field
-    through `object.__setattr__` (a third of its cost; the middleware makes one per request)."""
-    http: HttpRequest = object.__new__(HttpRequest)
-    http.__dict__.update(
+    """`HttpRequest(...)`, as fast as `frozen()` makes it (the middleware makes one per
+    request)."""
+    return frozen(
+        HttpRequest,
         method=method,
         route=route,
         path=path,
@@ -349,7 +362,6 @@ def http_request(
         disconnected=disconnected,
         error=error,
     )
-    return http
 
 
 @dataclass(frozen=True)
@@ -544,13 +556,15 @@ class Collector:
             if not taken:
                 return
             batch = pending[:taken]
-            seconds = sum([entry[3] for entry in batch])
+            seconds = sum(map(_SECONDS, batch))
             # Counted before they leave `pending`: a concurrent reader of `statements` never
             # sees them missing (at most twice, for an instant).
             self.counted += taken
             self.db_counted += seconds
             del pending[:taken]
             self._fold(batch, True)
+        if self.parent is None:
+            return
         for c in self.chain[1:]:
             with c.lock:
                 c.counted += taken
@@ -585,8 +599,7 @@ class Collector:
             if source is not last_source:
                 last_source = source
                 pool = source[0]
-                dialect = dialect_key(source[1])  # once per fold and engine
-                cache = cache_for(dialect)
+                dialect, cache = _dialect_of(source)
             shaped = cache.get(statement)
             if shaped is None:
                 shaped = shape_of(statement, dialect=dialect)
@@ -698,7 +711,18 @@ class Collector:
             else:
                 seen = sum(table_writes.get(table, 0) for table in tables)
             state = (txn, self.barrier, seen)
-            idles = [run[0][2] - befores[0]] if n == 1 else list(map(sub, map(_T0, run), befores))
+            if n == 1:
+                idle = run[0][2] - befores[0]
+                key = keys[0]
+                last_reads = shape.last
+                if key not in last_reads and len(last_reads) < MAX_PARAMETER_KEYS:
+                    # A first read of these values (the common case): nothing to compare.
+                    if key is not None:
+                        last_reads[key] = (state, idle, where, 1)
+                    continue
+                idles = [idle]
+            else:
+                idles = list(map(sub, map(_T0, run), befores))
             if (
                 n > 1
                 and examples is None
@@ -708,6 +732,27 @@ class Collector:
                 continue
             _reads_one_by_one(shape, keys, idles, state, where, examples, pending, start)
         self.db_clock = clock
+
+
+#: The dialect attribute that keeps its (dialect key, fingerprint cache) once it has connected
+#: (before, the key may still change: see `fingerprinting.dialect_key`).
+_DIALECT_ATTR = "_querywatch_dialect_key"
+
+
+def _dialect_of(source: tuple[str, Any]) -> tuple[str | None, dict[str, StatementShape]]:
+    """The dialect key of a statement's source and the fingerprint cache of that dialect."""
+    dialect = source[1]
+    known: tuple[str | None, dict[str, StatementShape]] | None = getattr(
+        dialect, _DIALECT_ATTR, None
+    )
+    if known is not None:
+        return known
+    key = dialect_key(dialect)
+    known = (key, cache_for(key))
+    if getattr(dialect, "server_version_info", None) is not None:
+        with contextlib.suppress(Exception):  # a dialect that takes no attributes
+            setattr(dialect, _DIALECT_ATTR, known)
+    return known
 
 
 #: A pending entry's run: (statement, (call site, caller), source, transaction).
@@ -985,12 +1030,14 @@ class Report:
             return self._pool
         c = self._c
         usage = c.pool
-        report = PoolReport(
+        leaked = usage.leaked
+        report = frozen(
+            PoolReport,
             checkouts=usage.checkouts,
             wait_seconds=usage.wait_seconds,
             timeouts=usage.timeouts,
             max_held=usage.max_held,
-            leaked=sum(leak.connections for leak in usage.leaked),
+            leaked=sum(leak.connections for leak in leaked) if leaked else 0,
         )
         if c.findings is not None:  # ended and detected: the figures are final
             self._pool = report
@@ -1046,11 +1093,19 @@ class Report:
     def shape_durations(self) -> tuple[ShapeDurations, ...]:
         """Statement durations per shape that ran in this unit itself (a nested unit's
         statements are its own), for duration histograms."""
-        self._c.fold()
+        c = self._c
+        if c.pending:
+            c.fold()
         return tuple(
-            ShapeDurations(shape.pool, shape.operation, tuple(shape.buckets), shape.bucket_seconds)
-            for shape in self._c.shapes.values()
-            if any(shape.buckets)
+            frozen(
+                ShapeDurations,
+                pool=shape.pool,
+                operation=shape.operation,
+                buckets=tuple(shape.buckets),
+                seconds=shape.bucket_seconds,
+            )
+            for shape in c.shapes.values()
+            if shape.bucket_seconds or any(shape.buckets)
         )
 
     @property

@@ -23,7 +23,9 @@ import contextlib
 import os
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import compress
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -240,23 +242,24 @@ class QueryWatchMetrics:
                     self.request_db_statements.labels(*key),
                     self.request_db_seconds.labels(*key),
                 )
-            children[0].observe(report.statements)
-            children[1].observe(report.db_seconds)
+            _observe(children[0], report.statements)
+            _observe(children[1], report.db_seconds)
         else:
             # Never the unit's name: a test id or a job name is one label value per test or
             # job, without bound. The kind is a fixed, small set.
             route = _unit_route(report.kind)
         self._record_statements(report)
         reported = report.findings_to_report()
-        for finding in reported:
-            # By kind, not class: a fresh copy of this module may record the findings of
-            # another copy's classes (see the module docstring).
-            counter = self._finding_counters.get(finding.kind)
-            if counter is not None:
-                counter.labels(route).inc()
-        for leak in report.leaks:
-            if leak in reported:
-                self.leaked_connections.labels(leak.pool, route).inc(leak.connections)
+        if reported:
+            for finding in reported:
+                # By kind, not class: a fresh copy of this module may record the findings of
+                # another copy's classes (see the module docstring).
+                counter = self._finding_counters.get(finding.kind)
+                if counter is not None:
+                    counter.labels(route).inc()
+            for leak in report.leaks:
+                if leak in reported:
+                    self.leaked_connections.labels(leak.pool, route).inc(leak.connections)
         self._record_lazy_loads(report, route)
 
     def _record_lazy_loads(self, report: Report, route: str) -> None:
@@ -301,6 +304,16 @@ class QueryWatchMetrics:
         return self.pools.collect()
 
 
+def _observe(child: Any, amount: float) -> None:
+    """`child.observe(amount)` (a histogram child), its bucket found by bisection."""
+    bounds = getattr(child, "_upper_bounds", None)
+    if bounds is None:  # pragma: no cover - other client versions
+        child.observe(amount)
+        return
+    child._sum.inc(amount)
+    child._buckets[bisect_left(bounds, amount)].inc(1)
+
+
 def _add_bucketed(child: Any, counts: Sequence[int], total_seconds: float) -> None:
     """Add pre-bucketed observations (non-cumulative `counts`, one per bucket incl. +Inf) to a
     histogram child."""
@@ -311,9 +324,8 @@ def _add_bucketed(child: Any, counts: Sequence[int], total_seconds: float) -> No
             for _ in range(count):
                 child.observe(bound if bound != float("inf") else STATEMENT_BUCKETS[-1] * 2)
         return
-    for value, count in zip(values, counts, strict=False):
-        if count:
-            value.inc(count)
+    for index in compress(range(len(counts)), counts):  # the buckets that counted any
+        values[index].inc(counts[index])
     child._sum.inc(total_seconds)
 
 

@@ -34,7 +34,7 @@ from sqlalchemy.exc import MissingGreenlet, StatementError
 from sqlalchemy.orm import attributes
 from sqlalchemy.orm.exc import DetachedInstanceError
 
-from querywatch import _callsite
+from querywatch import _callsite, _guard
 from querywatch._collection import Collector, LazyGroup, current_unit
 from querywatch._engines import instrumented_engines
 from querywatch._guard import internal_error, maybe_fail
@@ -172,7 +172,8 @@ def _record_load(
     """One attribute load that ran SQL (`ran` statements were recorded in the unit while it
     ran, by this thread and any other writing the same unit): credit it to its relationship
     (or model) and call site."""
-    maybe_fail("orm")
+    if _guard.injected_faults:
+        maybe_fail("orm")
     described = _described.get((impl, state.class_))
     if described is None:
         described = _describe(impl, state, key)
@@ -266,7 +267,8 @@ def _record_after_close(
     collector: Collector, impl: Any, state: Any, key: str, exc: BaseException
 ) -> None:
     try:
-        maybe_fail("orm")
+        if _guard.injected_faults:
+            maybe_fail("orm")
         error = type(exc).__name__
         model = _model_name(state)
         prop = getattr(impl, "parent_token", None)

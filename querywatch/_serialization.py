@@ -7,6 +7,7 @@ per process; FastAPI is optional, so it is imported only when asked for.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from querywatch import _callsite, _guard
@@ -27,7 +28,6 @@ def _endpoint_site(endpoint_ctx: Any) -> str | None:
     """`app.py:42 in list_orders (serializing its response)` from FastAPI's endpoint context
     (FastAPI >= 0.115 passes one to serialize_response), else None."""
     with _guard.guarding("fastapi"):
-        _guard.maybe_fail("fastapi")
         if isinstance(endpoint_ctx, Mapping):
             get = endpoint_ctx.get
             file, line, function = get("file"), get("line"), get("function")
@@ -63,9 +63,17 @@ def install_serialization_hook() -> None:
         collector = current_unit.get()
         if collector is None:
             return await original(*args, **kwargs)
-        previous = collector.phase
-        collector.phase = "serialization"
-        token = _callsite.fallback_site.set(_endpoint_site(kwargs.get("endpoint_ctx")))
+        try:  # once per request: guarded inline (see `querywatch._guard`)
+            if _guard.injected_faults:
+                _guard.maybe_fail("fastapi")
+            previous = collector.phase
+            collector.phase = "serialization"
+            # The endpoint's site is worked out only if something in here needs it.
+            site = partial(_endpoint_site, kwargs.get("endpoint_ctx"))
+            token = _callsite.fallback_site.set(site)
+        except Exception as exc:
+            _guard.internal_error("fastapi", exc)
+            return await original(*args, **kwargs)
         try:
             return await original(*args, **kwargs)
         finally:

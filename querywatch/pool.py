@@ -88,7 +88,7 @@ from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from querywatch import _callsite
+from querywatch import _callsite, _guard
 from querywatch._collection import Collector, current_unit
 from querywatch._engines import Instrumentation, handle_of, sync_engine_of
 from querywatch._guard import guard, internal_error, maybe_fail
@@ -414,7 +414,8 @@ def _wrap_pool(
         now = perf_counter()
         wait = -1.0  # stays negative unless this call checked a connection out
         try:
-            maybe_fail("pool")
+            if _guard.injected_faults:
+                maybe_fail("pool")
             record = fairy._connection_record
             # The same record again is not a new checkout: SingletonThreadPool's nested connect,
             # or StaticPool handing its one connection out twice.
@@ -463,7 +464,8 @@ def _wrap_pool(
         # not be taken for this one (`record in out`) nor lose its `held` entries to this one.
         try:
             try:
-                maybe_fail("pool")
+                if _guard.injected_faults:
+                    maybe_fail("pool")
                 checked_out = out.pop(record, None)
                 if checked_out is not None:
                     since, units = checked_out
@@ -760,7 +762,8 @@ def finish_unit(collector: Collector) -> None:
     held = collector.pool.held
     if not held:
         return
-    maybe_fail("pool")
+    if _guard.injected_faults:
+        maybe_fail("pool")
     now = perf_counter()
     # (pool, owner kind, opened at) -> (first checkout's call site, ages)
     groups: dict[tuple[str, str, str | None], tuple[str | None, list[float]]] = {}
