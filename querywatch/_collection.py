@@ -410,6 +410,8 @@ class Collector:
 
     __slots__ = (
         "__weakref__",
+        "_report",
+        "_report_ref",
         "active",
         "after_close",
         "barrier",
@@ -438,7 +440,6 @@ class Collector:
         "phase",
         "pool",
         "queries",
-        "report",
         "settings",
         "shapes",
         "started",
@@ -504,7 +505,32 @@ class Collector:
         self.http: HttpRequest | None = None
         self.findings: tuple[Finding, ...] | None = None
         self.nested_finding_ids: set[str] = set()
-        self.report = Report(self)
+        #: The unit's report: held here while the unit is open, weakly once it has ended (see
+        #: `release`).
+        self._report: Report | None = Report(self)
+        self._report_ref: weakref.ref[Report] | None = None
+
+    @property
+    def report(self) -> Report:
+        """The unit's `Report` (the same object for as long as anything holds it)."""
+        report = self._report
+        if report is None:
+            ref = self._report_ref
+            report = ref() if ref is not None else None
+            if report is None:
+                report = Report(self)
+                self._report_ref = weakref.ref(report)
+        return report
+
+    def release(self) -> None:
+        """Drop the references that make an ended unit a cycle (its report, and `chain`, which
+        holds the unit itself): it records nothing more, and is then freed as soon as nothing
+        holds it rather than by the garbage collector."""
+        report = self._report
+        if report is not None:
+            self._report_ref = weakref.ref(report)
+            self._report = None
+        self.chain = ()
 
     @property
     def closed(self) -> bool:
@@ -1214,6 +1240,7 @@ def close_unit(
         parent.nested_finding_ids.update(f.id for f in findings)
         parent.nested_finding_ids.update(collector.nested_finding_ids)
     report = collector.report
+    collector.release()
     for reporter in tuple(_reporters):
         try:
             if _guard.injected_faults:

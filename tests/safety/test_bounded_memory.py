@@ -5,15 +5,21 @@ from __future__ import annotations
 import contextlib
 import gc
 import tracemalloc
+import weakref
+from typing import Any
 
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 import querywatch
+from querywatch import Report
 from querywatch._collection import MAX_PARAMETER_KEYS, Collector, current_collector
 from querywatch._orm import MAX_DISTINCT_PARENTS
-from tests.models import Author, Base
+from querywatch.fastapi import setup
+from tests.models import Author, Base, create_schema, seed
+from tests.web_apps import asgi_client, fastapi_app
 
 
 def _run(conn: sa.Connection, start: int, n: int) -> None:
@@ -91,3 +97,37 @@ def test_repeated_lazy_loads_after_close_are_merged_as_they_happen(
         assert len(_collector().after_close) == 1
     (finding,) = report.lazy_loads_after_close
     assert finding.count == 10_000
+
+
+async def test_an_ended_request_is_freed_without_the_garbage_collector(
+    sqlite_web_engine: sa.Engine,
+) -> None:
+    """A request's unit of work, with its report and findings (here an N+1 while serializing),
+    is freed by reference counting as soon as the request has ended: querywatch leaves no
+    reference cycle for the garbage collector to find, request after request."""
+    create_schema(sqlite_web_engine)
+    with Session(sqlite_web_engine) as session:
+        seed(session)
+    app = fastapi_app(sqlite_web_engine)
+    setup(app, sqlite_web_engine, registry=CollectorRegistry())
+    seen: list[weakref.ref[Any]] = []
+
+    def keep_weakly(report: Report) -> None:
+        collector = report._c
+        seen.extend([weakref.ref(report), weakref.ref(collector)])
+
+    remove = querywatch.add_reporter(keep_weakly)
+    async with asgi_client(app) as client:
+        await client.get("/items/1")  # the app's own first-request set-up
+        seen.clear()
+        gc.collect()
+        gc.disable()
+        try:
+            for path in ("/authors", "/items/3", "/authors"):
+                assert (await client.get(path)).status_code == 200
+            alive = [ref() for ref in seen]
+        finally:
+            gc.enable()
+            remove()
+    assert len(seen) == 6
+    assert alive == [None] * 6
