@@ -103,9 +103,14 @@ class QueryWatchMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.exclude_paths and _route_path(scope) in self.exclude_paths:
-            await self.app(scope, receive, send)
-            return
+        if self.exclude_paths:
+            path = scope.get("path", "")
+            root_path = scope.get("root_path", "")
+            if root_path and path.startswith(root_path):
+                path = path[len(root_path) :]
+            if path in self.exclude_paths:
+                await self.app(scope, receive, send)
+                return
         settings = self.settings
         collector: Collector | None = None
         token: Any = None
@@ -242,14 +247,6 @@ def _silent_request(route: str) -> None:
     )
 
 
-def _route_path(scope: Scope) -> str:
-    path: str = scope.get("path", "")
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        return path[len(root_path) :]
-    return path
-
-
 #: Request id header names as the lower-case bytes ASGI headers carry (a few per process).
 _header_names: dict[str, bytes] = {}
 
@@ -307,7 +304,7 @@ def resolve_route(scope: Scope, base_root_path: str = "") -> str:
     match put in the scope, see `_route_by_endpoint`.
     """
     route = scope.get("route")
-    kind = _route_kind(route) if route is not None else ""
+    kind = "" if route is None else (_route_kinds.get(type(route)) or _route_kind(route))
     if route is None or (kind == "mount" and scope.get("endpoint") is not route.app):
         # No route recorded, or only a mount whose app then matched a route of its own
         # without recording it (a FastAPI app mounted in a Starlette app).
@@ -404,6 +401,10 @@ _mount_type: type | None = None
 _host_type: type | None = None
 
 
+#: Route class -> its kind, as `_route_kind` found it (the route classes of the app's routers).
+_route_kinds: dict[type, str] = {}
+
+
 def _route_kind(route: Any) -> str:
     global _mount_type, _host_type
     if _mount_type is None:
@@ -414,10 +415,14 @@ def _route_kind(route: Any) -> str:
             return "route"
         _mount_type, _host_type = Mount, Host
     if isinstance(route, _mount_type):
-        return "mount"
-    if _host_type is not None and isinstance(route, _host_type):
-        return "host"
-    return "route"
+        kind = "mount"
+    elif _host_type is not None and isinstance(route, _host_type):
+        kind = "host"
+    else:
+        kind = "route"
+    if len(_route_kinds) < 64:
+        _route_kinds[type(route)] = kind
+    return kind
 
 
 def _install_framework_hooks() -> None:
