@@ -3,14 +3,18 @@
 Events carry JSON-friendly values only, and bound parameter values only as the bounded examples
 of `Settings.log_parameters` (off by default). Levels: `info` for a clean request, `warning` for
 findings, `error` for pool timeouts and lazy loads after close. `Settings.log_requests` decides
-which requests log `querywatch.request` (finding events are always logged); units that are not
-HTTP requests (`watch()`) log their finding events with `unit=<name>` instead of route and
-request id.
+which requests log `querywatch.request`. A finding is logged once per route per
+`Settings.log_finding_interval` (60 s by default): an N+1 on a busy endpoint is one event a
+minute, carrying `repeats` (the requests that found it and did not log it), not one per
+request; metrics count every one. Units that are not HTTP requests (`watch()`) log every
+finding, with `unit=<name>` instead of route and request id.
 """
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +24,7 @@ from querywatch import _guard
 from querywatch._collection import Report, add_reporter
 from querywatch.findings import Finding
 
-__all__ = ["add_fields", "install", "log_report", "uninstall"]
+__all__ = ["add_fields", "forget_logged_findings", "install", "log_report", "uninstall"]
 
 #: Finding kinds counted on the `querywatch.request` event, in this order.
 FINDING_KINDS = (
@@ -97,11 +101,19 @@ def _log_report(report: Report) -> None:
     findings = report.findings_to_report()
     usage = report.pool
     timeouts = usage.timeouts
+    http = report.http
+    logged = 0
     if findings or timeouts:
         context = {**_context(report), **_extra_fields(report)}
         max_sql = settings.max_sql_length
-        for finding in findings:
-            _log_finding(finding, context, max_sql)
+        interval = settings.log_finding_interval
+        if http is not None and interval > 0:
+            due = _due(http.route, findings, interval)
+        else:
+            due = [(finding, 0) for finding in findings]
+        for finding, repeats in due:
+            _log_finding(finding, context, max_sql, repeats)
+        logged = len(due)
         if timeouts:
             _logger.error(
                 "querywatch.pool_timeout",
@@ -111,14 +123,14 @@ def _log_report(report: Report) -> None:
                 pool_wait_ms=round(usage.wait_seconds * 1000, 3),
                 pool_checkouts=usage.checkouts,
             )
-    http = report.http
     if http is None:
         return
     policy = settings.log_requests
     if policy == "none":
         return
-    clean = not findings and not timeouts
-    if clean and (
+    # A request whose findings were all repeats not logged (see `_due`) is logged as a clean one.
+    quiet = not logged and not timeouts
+    if quiet and (
         policy == "findings"
         or (policy == "sampled" and random.random() >= settings.log_sample_rate)
     ):
@@ -156,7 +168,42 @@ def _log_report(report: Report) -> None:
     getattr(_logger, worst)("querywatch.request", **fields)
 
 
-def _log_finding(finding: Finding, context: dict[str, Any], max_sql: int) -> None:
+#: (route, finding id) -> [when it was last logged (monotonic), repeats not logged since].
+_last_logged: dict[tuple[str, str], list[Any]] = {}
+_last_logged_lock = threading.Lock()
+#: Routes times findings remembered; beyond, the memory starts afresh (every finding logs).
+_MAX_LOGGED = 4096
+
+
+def _due(route: str, findings: tuple[Finding, ...], interval: float) -> list[tuple[Finding, int]]:
+    """The findings of a request to `route` to log now, each with the number of requests that
+    found it since it was last logged for this route (`Settings.log_finding_interval`)."""
+    now = time.monotonic()
+    due: list[tuple[Finding, int]] = []
+    with _last_logged_lock:
+        if len(_last_logged) >= _MAX_LOGGED:
+            _last_logged.clear()
+        for finding in findings:
+            key = (route, finding.id)
+            last = _last_logged.get(key)
+            if last is None or now - last[0] >= interval:
+                due.append((finding, last[1] if last is not None else 0))
+                _last_logged[key] = [now, 0]
+            else:
+                last[1] += 1
+    return due
+
+
+def forget_logged_findings() -> None:
+    """Log the next occurrence of every finding, whenever the last one was logged (the pytest
+    plugin calls this before each test)."""
+    with _last_logged_lock:
+        _last_logged.clear()
+
+
+def _log_finding(finding: Finding, context: dict[str, Any], max_sql: int, repeats: int = 0) -> None:
     fields = {**context, **finding.as_log_fields(max_sql_length=max_sql)}
+    if repeats:
+        fields["repeats"] = repeats
     log = _logger.error if finding.level == "error" else _logger.warning
     log(finding.event, **fields)

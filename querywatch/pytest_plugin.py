@@ -496,6 +496,10 @@ class QueryWatchSession:
     # the unit closes is captured with the test's output.
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
+        from querywatch import _reporting  # deferred: plugin start-up stays light
+
+        # Each test logs its requests' findings, whatever an earlier test logged.
+        _reporting.forget_logged_findings()
         policy = _marker_policy(item, self.fail_on)
         snapshot = _snapshot_test(item)
         if snapshot is None and not self._watched(item, policy):

@@ -101,6 +101,15 @@ class Settings:
         default=0.01,
         metadata=_doc("Share of clean requests logged when `log_requests` is `sampled`."),
     )
+    log_finding_interval: float = field(
+        default=60.0,
+        metadata=_doc(
+            "Seconds before a finding logged for a route is logged again for that route: the "
+            "requests in between count it (metrics, the `querywatch.request` counts of any "
+            "request that is logged) but do not log it, and its next event says how many "
+            "did not (`repeats`). Jobs and tests log every finding. 0: log every one."
+        ),
+    )
     log_parameters: bool = field(
         default=False,
         metadata=_doc(
@@ -216,6 +225,15 @@ class Settings:
         rate = self.log_sample_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise ConfigError("log_sample_rate", f"must be a number from 0 to 1, got {rate!r}")
+        interval = self.log_finding_interval
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or not 0.0 <= interval < float("inf")
+        ):
+            raise ConfigError(
+                "log_finding_interval", f"must be a number of seconds, 0 or more, got {interval!r}"
+            )
         for name in (
             "enabled",
             "log_parameters",

@@ -15,7 +15,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import querywatch
-from querywatch import _collection, _guard
+from querywatch import _collection, _guard, _reporting
 from querywatch.settings import DEFAULT_SETTINGS
 
 PG_HOST = os.environ.get("QUERYWATCH_PG_HOST", "127.0.0.1")
@@ -102,6 +102,7 @@ def _postgres_run_database() -> Iterator[None]:
 def _querywatch_test_mode() -> Iterator[None]:
     """Our own bugs fail our tests: the guard re-raises; global settings are reset after."""
     _guard.raise_internal_errors = True
+    _reporting.forget_logged_findings()
     yield
     _guard.raise_internal_errors = False
     _guard.injected_faults = frozenset()

@@ -1,5 +1,6 @@
 """The structlog reporter: JSON events parsed from structlog's real output, levels, the
-`log_requests` policy, and finding events of units that are not HTTP requests."""
+`log_requests` policy, a finding logged once per route per `log_finding_interval`, and finding
+events of units that are not HTTP requests."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
+from sqlalchemy.orm import Session
 
 import querywatch
-from querywatch import Settings
+from querywatch import Settings, _reporting
 from querywatch.middleware import QueryWatchMiddleware
 from tests.conftest import Logs
+from tests.models import create_schema, seed
 from tests.web_apps import asgi_client, fastapi_app
 
 
@@ -135,3 +138,80 @@ def test_disabled_settings_log_nothing(file_engine: sa.Engine, logs: Logs) -> No
         conn = file_engine.connect()
     conn.close()
     assert logs.events() == []
+
+
+class _Clock:
+    """The reporter's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def library(sqlite_web_engine: sa.Engine) -> sa.Engine:
+    """The shared models, seeded: `/authors` lazy-loads each author's books (an N+1)."""
+    create_schema(sqlite_web_engine)
+    with Session(sqlite_web_engine) as session:
+        seed(session)
+    return sqlite_web_engine
+
+
+def _n_plus_ones(logs: Logs) -> list[dict[str, Any]]:
+    return [e for e in logs.events() if e["event"] == "querywatch.n_plus_one"]
+
+
+def _requests(logs: Logs) -> list[dict[str, Any]]:
+    return [e for e in logs.events() if e["event"] == "querywatch.request"]
+
+
+async def test_a_repeated_finding_is_logged_once_per_interval_with_its_repeats(
+    library: sa.Engine, logs: Logs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same N+1 on the same route logs once per `log_finding_interval`: the requests in
+    between log neither it nor a request event, and the next event says how many they were;
+    the metrics count every request's finding."""
+    clock = _Clock()
+    monkeypatch.setattr(_reporting, "time", clock)
+    registry = CollectorRegistry()
+    app = fastapi_app(library)
+    app.add_middleware(QueryWatchMiddleware, registry=registry)
+    async with asgi_client(app) as c:
+        await c.get("/authors")
+        clock.now += 10
+        await c.get("/authors")
+        await c.get("/authors")
+        first = (len(_n_plus_ones(logs)), len(_requests(logs)))
+        clock.now += 60
+        await c.get("/authors")
+    assert first == (1, 1)
+    events = _n_plus_ones(logs)
+    assert [e.get("repeats") for e in events] == [None, 2]
+    assert events[0]["finding_id"] == events[1]["finding_id"]
+    assert len(_requests(logs)) == 2
+    total = registry.get_sample_value("querywatch_n_plus_one_total", {"route": "/authors"})
+    assert total == 4
+
+
+async def test_interval_zero_logs_every_request_finding(library: sa.Engine, logs: Logs) -> None:
+    """`log_finding_interval=0` logs the finding of every request."""
+    app = _app(library, Settings(log_finding_interval=0))
+    async with asgi_client(app) as c:
+        for _ in range(3):
+            await c.get("/authors")
+    assert [e.get("repeats") for e in _n_plus_ones(logs)] == [None, None, None]
+    assert len(_requests(logs)) == 3
+
+
+def test_jobs_log_every_finding(file_engine: sa.Engine, logs: Logs) -> None:
+    """`watch()` units log each of their findings, however often the same one recurs."""
+    for _ in range(2):
+        with querywatch.watch("nightly-import"):
+            leaked = file_engine.connect()
+            leaked.exec_driver_sql("SELECT 1")
+        leaked.close()
+    leaks = [e for e in logs.events() if e["event"] == "querywatch.connection_leak"]
+    assert len(leaks) == 2
+    assert leaks[0]["finding_id"] == leaks[1]["finding_id"]

@@ -53,6 +53,8 @@ def test_from_env_overrides_win() -> None:
         ({"QUERYWATCH_ENABLED": "maybe"}, "enabled"),
         ({"QUERYWATCH_LOG_SAMPLE_RATE": "2"}, "log_sample_rate"),
         ({"QUERYWATCH_LOG_REQUESTS": "some"}, "log_requests"),
+        ({"QUERYWATCH_LOG_FINDING_INTERVAL": "-1"}, "log_finding_interval"),
+        ({"QUERYWATCH_LOG_FINDING_INTERVAL": "inf"}, "log_finding_interval"),
         ({"QUERYWATCH_REQUEST_ID_HEADER": "X Request"}, "request_id_header"),
     ],
 )
