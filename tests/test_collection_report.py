@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
 import querywatch
 from querywatch._collection import STATEMENT_BUCKETS
+from querywatch.middleware import QueryWatchMiddleware
 from tests.models import Author, create_schema, seed
+from tests.web_apps import asgi_client, fastapi_app
 
 
 def test_shape_durations_count_the_units_own_statements(sqlite_engine: sa.Engine) -> None:
@@ -60,3 +64,26 @@ def test_a_report_can_be_referenced_weakly() -> None:
     with querywatch.watch("weak") as report:
         pass
     assert weakref.ref(report)() is report
+
+
+async def test_the_records_of_a_request_are_whole_dataclasses(sqlite_web_engine: sa.Engine) -> None:
+    """`report.http`, `report.pool` and `report.shape_durations` (made without their dataclass
+    `__init__`, once per unit) have every field of their class, and equal the same record made
+    by their constructor."""
+    reports: list[querywatch.Report] = []
+    app = fastapi_app(sqlite_web_engine)
+    app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
+    remove = querywatch.add_reporter(reports.append)
+    try:
+        async with asgi_client(app) as c:
+            await c.get("/items/2")
+    finally:
+        remove()
+    (report,) = reports
+    records = [report.http, report.pool, *report.shape_durations]
+    assert len(records) == 3
+    for record in records:
+        assert record is not None
+        names = {f.name for f in dataclasses.fields(record)}
+        assert set(vars(record)) == names
+        assert type(record)(**dataclasses.asdict(record)) == record
