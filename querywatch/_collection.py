@@ -538,8 +538,12 @@ class Collector:
 
     @property
     def statements(self) -> int:
-        """Statements executed, exact (an `executemany` batch counts once)."""
-        return self.counted + len(self.pending)
+        """Statements executed, exact (an `executemany` batch counts once). Read under the
+        lock: a fold in another thread counts its batch before it leaves `pending`, and a
+        reader in between would see it twice (the ORM hook, which tells whether a load ran SQL
+        by this figure before and after, would miss or misplace the load)."""
+        with self.lock:
+            return self.counted + len(self.pending)
 
     @property
     def db_seconds(self) -> float:
@@ -583,8 +587,8 @@ class Collector:
                 return
             batch = pending[:taken]
             seconds = sum(map(_SECONDS, batch))
-            # Counted before they leave `pending`: a concurrent reader of `statements` never
-            # sees them missing (at most twice, for an instant).
+            # Counted and taken out of `pending` under the lock, which `statements` reads
+            # under too: no reader sees the batch twice or not at all.
             self.counted += taken
             self.db_counted += seconds
             del pending[:taken]
