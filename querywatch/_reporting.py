@@ -171,7 +171,7 @@ def _log_report(report: Report) -> None:
 #: (route, finding id) -> [when it was last logged (monotonic), repeats not logged since].
 _last_logged: dict[tuple[str, str], list[Any]] = {}
 _last_logged_lock = threading.Lock()
-#: Routes times findings remembered; beyond, the memory starts afresh (every finding logs).
+#: (route, finding) pairs remembered; beyond, the memory starts afresh (each logs once more).
 _MAX_LOGGED = 4096
 
 

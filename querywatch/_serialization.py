@@ -66,11 +66,11 @@ def install_serialization_hook() -> None:
         try:  # once per request: guarded inline (see `querywatch._guard`)
             if _guard.injected_faults:
                 _guard.maybe_fail("fastapi")
-            previous = collector.phase
-            collector.phase = "serialization"
             # The endpoint's site is worked out only if something in here needs it.
             site = partial(_endpoint_site, kwargs.get("endpoint_ctx"))
             token = _callsite.fallback_site.set(site)
+            previous = collector.phase
+            collector.phase = "serialization"
         except Exception as exc:
             _guard.internal_error("fastapi", exc)
             return await original(*args, **kwargs)
