@@ -13,10 +13,12 @@ import pytest
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import Session
 
 import querywatch
 from querywatch import _collection, _guard, _reporting
 from querywatch.settings import DEFAULT_SETTINGS
+from tests.models import create_schema, seed
 
 PG_HOST = os.environ.get("QUERYWATCH_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("QUERYWATCH_PG_PORT", "5432"))
@@ -207,6 +209,16 @@ def sqlite_web_engine() -> Iterator[sa.Engine]:
     yield engine
     querywatch.uninstrument(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def web_library(sqlite_web_engine: sa.Engine) -> sa.Engine:
+    """`sqlite_web_engine` with the shared models, seeded: 10 authors with 3 books each (the web
+    apps' `/authors` lazy-loads each author's books: an N+1)."""
+    create_schema(sqlite_web_engine)
+    with Session(sqlite_web_engine) as session:
+        seed(session)
+    return sqlite_web_engine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -14,14 +14,12 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, field_validator
-from sqlalchemy.orm import Session
 
 import querywatch
 from querywatch import Report, _callsite
 from querywatch._collection import current_collector
 from querywatch.fastapi import setup
 from querywatch.middleware import QueryWatchMiddleware
-from tests.models import create_schema, seed
 from tests.web_apps import asgi_client, fastapi_app
 
 
@@ -109,25 +107,16 @@ async def test_response_model_is_built_in_the_serialization_phase(
     assert phases == ["handler", "serialization"]
 
 
-@pytest.fixture
-def library(sqlite_web_engine: sa.Engine) -> sa.Engine:
-    """The shared models, seeded: 10 authors with 3 books each."""
-    create_schema(sqlite_web_engine)
-    with Session(sqlite_web_engine) as session:
-        seed(session)
-    return sqlite_web_engine
-
-
 @pytest.mark.parametrize(
     ("path", "phase"), [("/authors", "serialization"), ("/authors-in-handler", "handler")]
 )
 async def test_lazy_loads_are_tagged_with_their_phase(
-    library: sa.Engine, reports: list[Report], path: str, phase: str
+    web_library: sa.Engine, reports: list[Report], path: str, phase: str
 ) -> None:
     """Lazy loads fired while the response model reads ORM relationships are `serialization`
     (findings and metrics); those in the endpoint are `handler`."""
     registry = CollectorRegistry()
-    app = fastapi_app(library)
+    app = fastapi_app(web_library)
     app.add_middleware(QueryWatchMiddleware, registry=registry)
     async with asgi_client(app) as c:
         response = await c.get(path)
@@ -140,11 +129,11 @@ async def test_lazy_loads_are_tagged_with_their_phase(
 
 
 async def test_serialization_findings_name_the_endpoint(
-    library: sa.Engine, reports: list[Report]
+    web_library: sa.Engine, reports: list[Report]
 ) -> None:
     """Pydantic reads ORM attributes from compiled code, so no user line is on the stack: the
     finding's call site is the endpoint whose response was being built."""
-    app = fastapi_app(library)
+    app = fastapi_app(web_library)
     app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
     async with asgi_client(app) as c:
         await c.get("/authors")
@@ -155,11 +144,11 @@ async def test_serialization_findings_name_the_endpoint(
 
 
 async def test_the_endpoint_site_follows_the_project_root(
-    library: sa.Engine, reports: list[Report]
+    web_library: sa.Engine, reports: list[Report]
 ) -> None:
     """The endpoint's call site is formatted once per endpoint, and again when the project root
     changes: call sites are shown relative to it."""
-    app = fastapi_app(library)
+    app = fastapi_app(web_library)
     app.add_middleware(QueryWatchMiddleware, registry=CollectorRegistry())
     previous = _callsite.project_root()
     async with asgi_client(app) as c:

@@ -11,13 +11,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from sqlalchemy.orm import Session
 
 import querywatch
 from querywatch import Settings, _reporting
 from querywatch.middleware import QueryWatchMiddleware
 from tests.conftest import Logs
-from tests.models import create_schema, seed
 from tests.web_apps import asgi_client, fastapi_app
 
 
@@ -150,15 +148,6 @@ class _Clock:
         return self.now
 
 
-@pytest.fixture
-def library(sqlite_web_engine: sa.Engine) -> sa.Engine:
-    """The shared models, seeded: `/authors` lazy-loads each author's books (an N+1)."""
-    create_schema(sqlite_web_engine)
-    with Session(sqlite_web_engine) as session:
-        seed(session)
-    return sqlite_web_engine
-
-
 def _n_plus_ones(logs: Logs) -> list[dict[str, Any]]:
     return [e for e in logs.events() if e["event"] == "querywatch.n_plus_one"]
 
@@ -168,7 +157,7 @@ def _requests(logs: Logs) -> list[dict[str, Any]]:
 
 
 async def test_a_repeated_finding_is_logged_once_per_interval_with_its_repeats(
-    library: sa.Engine, logs: Logs, monkeypatch: pytest.MonkeyPatch
+    web_library: sa.Engine, logs: Logs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same N+1 on the same route logs once per `log_finding_interval`: the requests in
     between log neither it nor a request event, and the next event says how many they were;
@@ -176,7 +165,7 @@ async def test_a_repeated_finding_is_logged_once_per_interval_with_its_repeats(
     clock = _Clock()
     monkeypatch.setattr(_reporting, "time", clock)
     registry = CollectorRegistry()
-    app = fastapi_app(library)
+    app = fastapi_app(web_library)
     app.add_middleware(QueryWatchMiddleware, registry=registry)
     async with asgi_client(app) as c:
         await c.get("/authors")
@@ -195,9 +184,9 @@ async def test_a_repeated_finding_is_logged_once_per_interval_with_its_repeats(
     assert total == 4
 
 
-async def test_interval_zero_logs_every_request_finding(library: sa.Engine, logs: Logs) -> None:
+async def test_interval_zero_logs_every_request_finding(web_library: sa.Engine, logs: Logs) -> None:
     """`log_finding_interval=0` logs the finding of every request."""
-    app = _app(library, Settings(log_finding_interval=0))
+    app = _app(web_library, Settings(log_finding_interval=0))
     async with asgi_client(app) as c:
         for _ in range(3):
             await c.get("/authors")

@@ -19,7 +19,7 @@ from querywatch import Report, _collection
 from querywatch._collection import MAX_PARAMETER_KEYS, Collector, current_collector
 from querywatch._orm import MAX_DISTINCT_PARENTS
 from querywatch.fastapi import setup
-from tests.models import Author, Base, create_schema, seed
+from tests.models import Author, Base
 from tests.web_apps import asgi_client
 
 
@@ -101,24 +101,21 @@ def test_repeated_lazy_loads_after_close_are_merged_as_they_happen(
 
 
 async def test_an_ended_request_is_freed_without_the_garbage_collector(
-    sqlite_web_engine: sa.Engine,
+    web_library: sa.Engine,
 ) -> None:
     """A request's unit of work, with its report and findings (here an N+1), is freed by
     reference counting as soon as the request has ended: querywatch leaves no reference cycle
     for the garbage collector to find, request after request."""
-    create_schema(sqlite_web_engine)
-    with Session(sqlite_web_engine) as session:
-        seed(session)
     app = FastAPI()
 
     # async, and the Session closed in the endpoint: when the response is out, nothing of the
     # app's (a worker thread's context, a dependency's teardown) still holds the unit.
     @app.get("/authors")
     async def authors() -> list[int]:
-        with Session(sqlite_web_engine) as db:
+        with Session(web_library) as db:
             return [len(a.books) for a in db.scalars(sa.select(Author).order_by(Author.id))]
 
-    setup(app, sqlite_web_engine, registry=CollectorRegistry())
+    setup(app, web_library, registry=CollectorRegistry())
     seen: list[weakref.ref[Any]] = []
 
     def keep_weakly(report: Report) -> None:
