@@ -444,6 +444,7 @@ class Collector:
         "shapes",
         "started",
         "table_writes",
+        "unfolded",
         "untracked_statements",
         "writes",
     )  # fmt: skip
@@ -501,6 +502,10 @@ class Collector:
         self.pool = PoolUsage()
         #: (pool, operation, seconds) of statements whose shape was first seen on another pool
         self.other_pool_durations: list[tuple[str, str, float]] = []
+        #: Set when the unit ended with statements no two of which share a shape (see
+        #: `close_unit`): (pool, operation, seconds) of each, and the fold left to whoever
+        #: reads the shapes.
+        self.unfolded: list[tuple[str, str, float]] | None = None
         self.phase = "handler"
         self.http: HttpRequest | None = None
         self.findings: tuple[Finding, ...] | None = None
@@ -791,6 +796,36 @@ _PARAMETERS = itemgetter(1)
 _T0 = itemgetter(2)
 _SECONDS = itemgetter(3)
 _BUCKET = partial(bisect_left, STATEMENT_BUCKETS)
+#: Bucket counts of one execution, per bucket it fell in.
+_ONE_IN_BUCKET = tuple(
+    tuple(int(i == bucket) for i in range(len(STATEMENT_BUCKETS) + 1))
+    for bucket in range(len(STATEMENT_BUCKETS) + 1)
+)
+
+
+def _unrepeated(pending: list[Pending]) -> list[tuple[str, str, float]] | None:
+    """(pool, operation, seconds) of each statement of `pending`, when no two share a shape;
+    else None. Every shape-based finding (N+1, duplicates, bulk writes) needs a shape run
+    twice, so a unit of such statements alone has nothing to detect in them."""
+    seen: set[str] = set()
+    unrepeated: list[tuple[str, str, float]] = []
+    last_source: Any = None
+    cache: dict[str, StatementShape] = {}
+    dialect: str | None = None
+    for entry in pending:
+        statement, source = entry[0], entry[4]
+        if source is not last_source:
+            last_source = source
+            dialect, cache = _dialect_of(source)
+        shaped = cache.get(statement)
+        if shaped is None:
+            shaped = shape_of(statement, dialect=dialect)
+        fingerprint = shaped[0]
+        if fingerprint in seen:
+            return None
+        seen.add(fingerprint)
+        unrepeated.append((source[0], shaped[1], entry[3]))
+    return unrepeated
 
 
 def _add_keys(known: set[int], keys: list[int | None]) -> None:
@@ -1125,6 +1160,18 @@ class Report:
         statements are its own), for duration histograms."""
         c = self._c
         if c.pending:
+            unfolded = c.unfolded
+            if unfolded is not None:  # one shape per statement: each its own durations
+                return tuple(
+                    frozen(
+                        ShapeDurations,
+                        pool=pool,
+                        operation=operation,
+                        buckets=_ONE_IN_BUCKET[_BUCKET(seconds)],
+                        seconds=seconds,
+                    )
+                    for pool, operation, seconds in unfolded
+                )
             c.fold()
         return tuple(
             frozen(
@@ -1142,8 +1189,12 @@ class Report:
     def other_pool_durations(self) -> tuple[StatementDuration, ...]:
         """Statements of this unit whose shape was first seen on another pool: their pool,
         operation and duration, one by one (`shape_durations` counts the others)."""
-        self._c.fold()
-        return tuple(StatementDuration(*entry) for entry in self._c.other_pool_durations)
+        c = self._c
+        if c.pending:
+            if c.unfolded is not None:  # one shape per statement, each first seen on its pool
+                return ()
+            c.fold()
+        return tuple(StatementDuration(*entry) for entry in c.other_pool_durations)
 
     @property
     def lazy_loads(self) -> dict[str, int]:
@@ -1221,8 +1272,17 @@ def close_unit(
     try:
         if _guard.injected_faults:
             _guard.maybe_fail("collector")
-        if collector.pending:
-            collector.fold()
+        pending = collector.pending
+        if pending:
+            # A unit of its own (nothing to fold into) whose statements all differ in shape and
+            # made no lazy load, the common request, has nothing the detectors could find in
+            # them (parameter examples of lazy loads come from the shapes): the fold,
+            # which builds the shapes, is left to whoever reads them (`Report.fingerprints`,
+            # `query_rows`, ...; the reporters by default need only durations).
+            if collector.parent is None and not collector.counted and not collector.lazy:
+                collector.unfolded = _unrepeated(pending)
+            if collector.unfolded is None:
+                collector.fold()
     except Exception as exc:
         internal_error("collector", exc)
     for component, finish in _finishers:  # connections still out are leaks, found first

@@ -31,6 +31,24 @@ def test_shape_durations_count_the_units_own_statements(sqlite_engine: sa.Engine
     assert [sum(s.buckets) for s in inner.shape_durations] == [1]
 
 
+def test_durations_of_unrepeated_statements_are_the_folded_ones(sqlite_engine: sa.Engine) -> None:
+    """A unit whose statements all differ in shape is folded only when its shapes are read,
+    and reports the same durations either way."""
+    with querywatch.watch("distinct") as report, sqlite_engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t (x) VALUES (1)")
+        conn.exec_driver_sql("SELECT x FROM t")
+    assert report._c.unfolded is not None  # the fold was left to the readers
+    unfolded = sorted(report.shape_durations, key=lambda d: d.operation)
+    assert report.fingerprints == {
+        "create table t (x integer)": 1,
+        "insert into t (x) values (?)": 1,
+        "select x from t": 1,
+    }
+    assert sorted(report.shape_durations, key=lambda d: d.operation) == unfolded
+    assert report.other_pool_durations == ()
+
+
 def test_other_pool_durations_are_empty_on_one_engine(sqlite_engine: sa.Engine) -> None:
     """Statements of shapes first seen on another pool are listed apart; one engine has none."""
     with querywatch.watch("one engine") as report, sqlite_engine.connect() as conn:
