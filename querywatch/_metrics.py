@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.values import MutexValue
 
 from querywatch import _guard, pool
 from querywatch._collection import STATEMENT_BUCKETS, Report, add_reporter
@@ -215,6 +216,8 @@ class QueryWatchMetrics:
             DuplicateQueryFinding.kind: self.duplicate_queries,
             LazyLoadAfterCloseFinding.kind: self.lazy_loads_after_close,
         }
+        #: Taken by `record` for the histograms it writes directly (see there).
+        self._lock = threading.Lock()
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._statement_children: dict[tuple[str, str], Any] = {}
         #: open unit -> lazy loads per phase already counted by units nested in it
@@ -233,22 +236,35 @@ class QueryWatchMetrics:
         if not report.settings.enabled:
             return
         http = report.http
-        if http is not None:
-            route = http.route
-            key = (route, http.method)
-            children = self._request_children.get(key)
-            if children is None:
-                children = self._request_children[key] = (
-                    self.request_db_statements.labels(*key),
-                    self.request_db_seconds.labels(*key),
-                )
-            _observe(children[0], report.statements)
-            _observe(children[1], report.db_seconds)
-        else:
-            # Never the unit's name: a test id or a job name is one label value per test or
-            # job, without bound. The kind is a fixed, small set.
-            route = _unit_route(report.kind)
-        self._record_statements(report)
+        durations = report.shape_durations
+        others = report.other_pool_durations
+        # In one process, the histograms' values are written directly, under one lock per
+        # unit: every write to them is made here, so they stay exact, and a unit costs one
+        # lock instead of one per bucket and sum (a scrape reads each float atomically).
+        with self._lock:
+            if http is not None:
+                route = http.route
+                key = (route, http.method)
+                children = self._request_children.get(key)
+                if children is None:
+                    children = self._request_children[key] = (
+                        _writable(self.request_db_statements.labels(*key)),
+                        _writable(self.request_db_seconds.labels(*key)),
+                    )
+                _observe(children[0], report.statements)
+                _observe(children[1], report.db_seconds)
+            else:
+                # Never the unit's name: a test id or a job name is one label value per test
+                # or job, without bound. The kind is a fixed, small set.
+                route = _unit_route(report.kind)
+            # Shapes count the durations of the statements of this (innermost) unit per
+            # bucket: one write per non-empty bucket, not one observation per statement.
+            for shape in durations:
+                child = self._statement_child(shape.pool, shape.operation)
+                _add_bucketed(child, shape.buckets, shape.seconds)
+            for statement in others:
+                child = self._statement_child(statement.pool, statement.operation)
+                _observe(child, statement.seconds)
         reported = report.findings_to_report()
         if reported:
             for finding in reported:
@@ -283,17 +299,8 @@ class QueryWatchMetrics:
         key = (pool, operation)
         child = self._statement_children.get(key)
         if child is None:
-            child = self._statement_children[key] = self.statement_duration.labels(*key)
+            child = self._statement_children[key] = _writable(self.statement_duration.labels(*key))
         return child
-
-    def _record_statements(self, report: Report) -> None:
-        # Shapes count the durations of the statements of this (innermost) unit per bucket:
-        # add the counts to the histogram's buckets directly, one increment per bucket.
-        for shape in report.shape_durations:
-            child = self._statement_child(shape.pool, shape.operation)
-            _add_bucketed(child, shape.buckets, shape.seconds)
-        for statement in report.other_pool_durations:
-            self._statement_child(statement.pool, statement.operation).observe(statement.seconds)
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -304,19 +311,42 @@ class QueryWatchMetrics:
         return self.pools.collect()
 
 
-def _observe(child: Any, amount: float) -> None:
-    """`child.observe(amount)` (a histogram child), its bucket found by bisection."""
+def _writable(child: Any) -> Any:
+    """A histogram child's (bucket values, sum value, upper bounds) when they are plain
+    in-process values, written directly under `QueryWatchMetrics`' lock; else the child itself
+    (written through its own methods)."""
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
     bounds = getattr(child, "_upper_bounds", None)
-    if bounds is None:  # pragma: no cover - other client versions
+    if (
+        buckets is None
+        or bounds is None
+        or type(total) is not MutexValue
+        or any(type(value) is not MutexValue for value in buckets)
+    ):  # multiprocess values (they write files), or another client version
+        return child
+    return (buckets, total, bounds)
+
+
+def _observe(child: Any, amount: float) -> None:
+    """One observation of `amount` (a `_writable` histogram child)."""
+    if type(child) is not tuple:
         child.observe(amount)
         return
-    child._sum.inc(amount)
-    child._buckets[bisect_left(bounds, amount)].inc(1)
+    buckets, total, bounds = child
+    buckets[bisect_left(bounds, amount)]._value += 1
+    total._value += amount
 
 
 def _add_bucketed(child: Any, counts: Sequence[int], total_seconds: float) -> None:
     """Add pre-bucketed observations (non-cumulative `counts`, one per bucket incl. +Inf) to a
-    histogram child."""
+    `_writable` histogram child."""
+    if type(child) is tuple:
+        values, total, _ = child
+        for index in compress(range(len(counts)), counts):  # the buckets that counted any
+            values[index]._value += counts[index]
+        total._value += total_seconds
+        return
     values = getattr(child, "_buckets", None)
     if values is None or len(values) != len(counts):  # pragma: no cover - other client versions
         bounds = (*STATEMENT_BUCKETS, float("inf"))
@@ -324,7 +354,7 @@ def _add_bucketed(child: Any, counts: Sequence[int], total_seconds: float) -> No
             for _ in range(count):
                 child.observe(bound if bound != float("inf") else STATEMENT_BUCKETS[-1] * 2)
         return
-    for index in compress(range(len(counts)), counts):  # the buckets that counted any
+    for index in compress(range(len(counts)), counts):
         values[index].inc(counts[index])
     child._sum.inc(total_seconds)
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,38 @@ def test_nested_units_count_each_statement_once(sqlite_web_engine: sa.Engine) ->
     labels = {"pool": _pool(sqlite_web_engine), "operation": "SELECT"}
     count = registry.get_sample_value("querywatch_db_statement_duration_seconds_count", labels)
     assert count == 5
+
+
+def test_units_recorded_by_many_threads_at_once_are_all_counted(
+    sqlite_web_engine: sa.Engine,
+) -> None:
+    """Units ending in 8 threads at once, switching threads as often as the interpreter can,
+    all reach the statement histogram: no observation is lost."""
+    registry = CollectorRegistry()
+    _metrics.install(registry)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    start = threading.Barrier(8)
+
+    def jobs() -> None:
+        start.wait()
+        for _ in range(100):
+            with querywatch.watch("job"):
+                run_statements(sqlite_web_engine, 1)
+
+    try:
+        threads = [threading.Thread(target=jobs) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    labels = {"pool": _pool(sqlite_web_engine), "operation": "SELECT"}
+    name = "querywatch_db_statement_duration_seconds"
+    assert registry.get_sample_value(f"{name}_count", labels) == 800
+    top = repr(float(STATEMENT_BUCKETS[-1]))
+    assert registry.get_sample_value(f"{name}_bucket", {**labels, "le": top}) == 800
 
 
 def test_install_is_idempotent_per_registry() -> None:
