@@ -220,6 +220,7 @@ class QueryWatchMetrics:
         self._lock = threading.Lock()
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._statement_children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         #: open unit -> lazy loads per phase already counted by units nested in it
         self._nested_lazy: weakref.WeakKeyDictionary[Report, dict[str, int]] = (
             weakref.WeakKeyDictionary()
@@ -272,10 +273,10 @@ class QueryWatchMetrics:
                 # another copy's classes (see the module docstring).
                 counter = self._finding_counters.get(finding.kind)
                 if counter is not None:
-                    counter.labels(route).inc()
+                    self._child(counter, route).inc()
             for leak in report.leaks:
                 if leak in reported:
-                    self.leaked_connections.labels(leak.pool, route).inc(leak.connections)
+                    self._child(self.leaked_connections, leak.pool, route).inc(leak.connections)
         self._record_lazy_loads(report, route)
 
     def _record_lazy_loads(self, report: Report, route: str) -> None:
@@ -288,12 +289,21 @@ class QueryWatchMetrics:
         for phase, count in totals.items():
             own = count - nested.get(phase, 0)
             if own > 0:
-                self.lazy_loads.labels(route, phase).inc(own)
+                self._child(self.lazy_loads, route, phase).inc(own)
         parent = report.parent
         if parent is not None and not parent.final:
             counted = self._nested_lazy.setdefault(parent, {})
             for phase, count in totals.items():
                 counted[phase] = counted.get(phase, 0) + count
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered (label values are route templates, pools and
+        other small sets)."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _statement_child(self, pool: str, operation: str) -> Any:
         key = (pool, operation)

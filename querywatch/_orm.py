@@ -114,7 +114,12 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, state, key, passive)
         # Decided before the load: loading clears the state's expired attributes.
         expired = key in state.expired_attributes
-        statements = collector.statements
+        # The unit's statements before and after the load tell whether it ran SQL. Read under
+        # the unit's lock (what `Collector.statements` does, inlined): a fold in another
+        # thread counts its batch before it leaves `pending`.
+        lock = collector.lock
+        with lock:
+            statements = collector.counted + len(collector.pending)
         t0 = perf_counter()
         try:
             result = original(self, state, key, passive)
@@ -126,11 +131,11 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(exc.orig, MissingGreenlet):
                 _record_after_close(collector, self, state, key, exc.orig)
             raise
-        if collector.statements != statements:
+        with lock:
+            ran = collector.counted + len(collector.pending) - statements
+        if ran:
             try:
-                _record_load(
-                    collector, self, state, key, expired, collector.statements - statements, t0
-                )
+                _record_load(collector, self, state, key, expired, ran, t0)
             except Exception as exc:
                 internal_error("orm", exc)
         return result
@@ -149,18 +154,20 @@ def _model_name(state: Any) -> str:
     return cls.__name__ if cls is not None else "?"
 
 
-#: (attribute impl, class) -> (relationship property or None, subject): worked out once.
-_described: dict[tuple[Any, Any], tuple[Any, str]] = {}
+#: (attribute impl, class) -> (relationship property or None, subject, the lazy-load group's
+#: name for a relationship): worked out once.
+_described: dict[tuple[Any, Any], tuple[Any, str, str]] = {}
 _MAX_DESCRIBED = 10_000
 
 
-def _describe(impl: Any, state: Any, key: str) -> tuple[Any, str]:
+def _describe(impl: Any, state: Any, key: str) -> tuple[Any, str, str]:
     prop = getattr(impl, "parent_token", None)
     model = _model_name(state)
     if _is_relationship(prop):
-        described: tuple[Any, str] = (prop, f"{_owner_name(prop, model)}.{key}")
+        subject = f"{_owner_name(prop, model)}.{key}"
+        described: tuple[Any, str, str] = (prop, subject, f"lazy_load:{subject}")
     else:
-        described = (None, model)
+        described = (None, model, "")
     if len(_described) < _MAX_DESCRIBED:
         _described[(impl, state.class_)] = described
     return described
@@ -177,30 +184,34 @@ def _record_load(
     described = _described.get((impl, state.class_))
     if described is None:
         described = _describe(impl, state, key)
-    prop, subject = described
-    pattern = ("expired_load" if expired else "deferred_load") if prop is None else "lazy_load"
+    prop, subject, name = described
     pending = collector.pending
     statement: str | None = None
     callsite: str | None = None
     dialect: Any = None
-    # The load's database time: its statements' while they are still pending (the wall time
-    # of the load once some of them were folded).
-    if 0 < ran <= len(pending):
-        seconds = sum([entry[3] for entry in pending[-ran:]])
-    else:
-        seconds = perf_counter() - t0
     if ran == 1 and pending:
         # The load's own SELECT, just recorded with its call site: the same user line that
         # touched the attribute, so no second stack walk. Only when it is the one statement
         # recorded meanwhile: with other threads writing the unit, the last entry may be theirs.
         last = pending[-1]
+        seconds: float = last[3]
         statement, callsite, dialect = last[0], last[5][0], last[4][1]
+    elif 0 < ran <= len(pending):
+        # The load's database time: its statements' while they are still pending.
+        seconds = sum([entry[3] for entry in pending[-ran:]])
+    else:  # some of them were folded already: the wall time of the load
+        seconds = perf_counter() - t0
     if callsite is None:
         callsite = _callsite.capture(1)
+    if prop is None:
+        pattern = "expired_load" if expired else "deferred_load"
+        name = f"{pattern}:{subject}"
+    else:
+        pattern = "lazy_load"
+    group_key = (name, callsite)
     parent = id(state)
-    group_key = (f"{pattern}:{subject}", callsite)
     for c in collector.chain:
-        if c.closed:
+        if c.finished is not None:  # ended (`closed`)
             continue
         with c.lock:  # one unit may be written by several threads
             group = c.lazy.get(group_key)
@@ -209,11 +220,14 @@ def _record_load(
                 group.suggestion = _suggestion(pattern, prop, state, subject, key)
             group.count += 1
             group.seconds += seconds
-            if len(group.parents) < MAX_DISTINCT_PARENTS:
-                group.parents.add(parent)
-            group.attributes.add(key)
+            parents = group.parents
+            if len(parents) < MAX_DISTINCT_PARENTS:
+                parents.add(parent)
+            if prop is None:  # a relationship's loads are of its own attribute
+                group.attributes.add(key)
+            phases = group.phases
             phase = c.phase
-            group.phases[phase] = group.phases.get(phase, 0) + 1
+            phases[phase] = phases.get(phase, 0) + 1
             if not group.fingerprint and statement is not None:
                 # The shape the fold gives the same statement: read as its engine's dialect.
                 group.fingerprint = shape_of(statement, dialect=dialect_key(dialect))[0]
