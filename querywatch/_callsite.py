@@ -16,6 +16,7 @@ import sysconfig
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import CodeType, FrameType
+from typing import Any, cast
 
 __all__ = [
     "Where",
@@ -234,16 +235,41 @@ def capture(skip: int = 1) -> str | None:
 
 #: Frames looked through beyond a call site for the user code that called it.
 _MAX_CALLER_DEPTH = 64
+#: Packages that call user code as a framework does (an event loop, a server, a router, a
+#: thread pool, a test runner): a function they called has no caller worth naming. The next user
+#: frame out is the program's entry point (`uvicorn.run(app)`, `asyncio.run(main())`, a test
+#: driving an app), whatever the function is.
+_DISPATCHERS = frozenset(
+    ("asyncio", "anyio", "starlette", "fastapi", "uvicorn", "hypercorn", "concurrent", "trio",
+     "_pytest", "pluggy")
+)  # fmt: skip
+_is_dispatcher_code: dict[CodeType, bool] = {}
+
+
+def _dispatcher(code: CodeType) -> bool:
+    """Whether `code` is a framework's that calls user code (see `_DISPATCHERS`), decided once
+    per code object."""
+    dispatcher = _is_dispatcher_code.get(code)
+    if dispatcher is None:
+        parts = os.path.normcase(code.co_filename).replace("\\", "/").split("/")
+        dispatcher = any(part in _DISPATCHERS for part in parts[-4:-1])
+        if len(_is_dispatcher_code) < _MAX_CACHED_CODES:
+            _is_dispatcher_code[code] = dispatcher
+    return dispatcher
 
 
 def _caller_of(frame: FrameType) -> tuple[FrameType | None, int]:
     """The next user frame outwards from the user frame `frame` (the code that called the
-    function holding the call site), and its distance from `frame`; (None, 0) if there is none."""
+    function holding the call site), and its distance from `frame`; (None, 0) if there is none,
+    or if a framework called the function (an endpoint, a task, a test)."""
     caller = frame.f_back
     distance = 1
     while caller is not None and distance <= _MAX_CALLER_DEPTH:
-        if not _is_library(caller.f_code):
+        code = caller.f_code
+        if not _is_library(code):
             return caller, distance
+        if _dispatcher(code):
+            return None, 0
         caller = caller.f_back
         distance += 1
     return None, 0
@@ -285,27 +311,38 @@ def forget(key: object) -> None:
     _memos.pop(key, None)
 
 
-def _frame_at(depth: int) -> FrameType | None:
-    """The frame `depth` levels into the parent greenlet's stack."""
-    greenlet_module = sys.modules.get("greenlet")
-    parent = greenlet_module.getcurrent().parent if greenlet_module is not None else None
-    frame: FrameType | None = parent.gr_frame if parent is not None else None
-    for _ in range(depth):
-        if frame is None:
-            return None
-        frame = frame.f_back
-    return frame
+def _up(frame: Any, steps: int) -> FrameType | None:
+    """The frame `steps` levels outwards from `frame`, None past the outermost. A memo check in
+    the parent greenlet walks some 30 to 60 frames: eight levels per statement, the rest by
+    the bits of what remains."""
+    try:
+        while steps >= 8:
+            frame = frame.f_back.f_back.f_back.f_back.f_back.f_back.f_back.f_back
+            steps -= 8
+        if steps & 4:
+            frame = frame.f_back.f_back.f_back.f_back
+        if steps & 2:
+            frame = frame.f_back.f_back
+        if steps & 1:
+            frame = frame.f_back
+    except AttributeError:  # walked past the outermost frame (None has no f_back)
+        return None
+    return cast("FrameType | None", frame)
 
 
 def _same_in_parent(memo: _Memo) -> bool:
     """Whether the parent greenlet's stack still has the memo's call site and caller where they
     were found (the stack of the asyncio task awaiting SQLAlchemy's greenlet)."""
-    frame = _frame_at(memo.depth)
+    greenlet_module = sys.modules.get("greenlet")
+    parent = greenlet_module.getcurrent().parent if greenlet_module is not None else None
+    if parent is None:
+        return False
+    frame = _up(parent.gr_frame, memo.depth)
     if frame is None or frame.f_code is not memo.code or frame.f_lasti != memo.lasti:
         return False
     if memo.caller_code is None:
         return True
-    caller = _frame_at(memo.depth + memo.caller_depth)
+    caller = _up(frame, memo.caller_depth)
     return (
         caller is not None
         and caller.f_code is memo.caller_code

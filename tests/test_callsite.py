@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import sys
+from types import FrameType
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import querywatch
+from querywatch._callsite import Where, _up, where_for
 from querywatch._collection import Collector, current_collector
 
 
@@ -67,3 +71,60 @@ async def test_async_statement_is_attributed_through_the_greenlet(
         sites = _sites(collector)
     name = "test_async_statement_is_attributed_through_the_greenlet"
     assert sites == {f"tests/test_callsite.py:{line} in {name}": 3}
+
+
+def _where_here(key: str) -> Where:
+    return where_for(key, 0)  # the site: this line; its caller: whoever called this function
+
+
+def test_a_helper_names_the_user_line_that_called_it() -> None:
+    """A call site in a helper comes with the user line that called the helper."""
+    line = _line(1)
+    site, caller = _where_here("callsite-test-direct")
+    assert (site or "").endswith("in _where_here")
+    assert (
+        caller
+        == f"tests/test_callsite.py:{line} in test_a_helper_names_the_user_line_that_called_it"
+    )
+
+
+def test_a_function_an_event_loop_ran_names_no_caller() -> None:
+    """A function a framework called (here a task an event loop ran) names no caller: the next
+    user frame out started the loop; it did not call the function."""
+
+    async def task() -> Where:
+        return _where_here("callsite-test-task")
+
+    site, caller = asyncio.run(task())
+    assert (site or "").endswith("in _where_here")
+    assert (caller or "").endswith("in task")  # the task called the helper
+
+    async def endpoint() -> Where:
+        return where_for("callsite-test-endpoint", 0)
+
+    site, caller = asyncio.run(endpoint())
+    assert (site or "").endswith("in endpoint")
+    assert caller is None
+
+
+def test_frames_outwards_are_the_stacks_own() -> None:
+    """Walking out from a frame, level by level, finds the frames the interpreter has there,
+    and nothing past the outermost."""
+
+    def nested(levels: int) -> list[tuple[FrameType | None, FrameType | None]]:
+        if levels:
+            return nested(levels - 1)
+        here = sys._getframe(0)
+        pairs: list[tuple[FrameType | None, FrameType | None]] = []
+        frame: FrameType | None = here
+        steps = 0
+        while frame is not None:
+            pairs.append((_up(here, steps), frame))
+            frame = frame.f_back
+            steps += 1
+        for beyond in range(steps, steps + 20):
+            pairs.append((_up(here, beyond), None))
+        return pairs
+
+    for found, expected in nested(30):
+        assert found is expected
