@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from contextvars import ContextVar
-from types import CodeType, FrameType
+from types import CodeType, FrameType, SimpleNamespace
 from typing import Any, cast
 
 __all__ = [
@@ -125,6 +125,15 @@ def _is_library(code: CodeType) -> bool:
     return library
 
 
+def _no_greenlet() -> Any:
+    return SimpleNamespace(parent=None)
+
+
+#: `greenlet.getcurrent` once a call site was found in a parent greenlet (greenlet is imported
+#: by then): the memo checks of such sites use it.
+_getcurrent: Callable[[], Any] = _no_greenlet
+
+
 def _locate(frame: FrameType | None) -> tuple[FrameType | None, int, bool]:
     """The first non-library frame from `frame` outwards, its depth from `frame`, and whether it
     was found in the parent greenlet (the asyncio task awaiting SQLAlchemy's greenlet)."""
@@ -136,10 +145,12 @@ def _locate(frame: FrameType | None) -> tuple[FrameType | None, int, bool]:
                 return frame, depth, in_parent
             frame = frame.f_back
             depth += 1
+        global _getcurrent
         greenlet_module = sys.modules.get("greenlet")
         if in_parent or greenlet_module is None or depth >= _MAX_DEPTH:
             return None, 0, False
-        parent = greenlet_module.getcurrent().parent
+        _getcurrent = greenlet_module.getcurrent
+        parent = _getcurrent().parent
         if parent is None:
             return None, 0, False
         frame = parent.gr_frame
@@ -330,26 +341,6 @@ def _up(frame: Any, steps: int) -> FrameType | None:
     return cast("FrameType | None", frame)
 
 
-def _same_in_parent(memo: _Memo) -> bool:
-    """Whether the parent greenlet's stack still has the memo's call site and caller where they
-    were found (the stack of the asyncio task awaiting SQLAlchemy's greenlet)."""
-    greenlet_module = sys.modules.get("greenlet")
-    parent = greenlet_module.getcurrent().parent if greenlet_module is not None else None
-    if parent is None:
-        return False
-    frame = _up(parent.gr_frame, memo.depth)
-    if frame is None or frame.f_code is not memo.code or frame.f_lasti != memo.lasti:
-        return False
-    if memo.caller_code is None:
-        return True
-    caller = _up(frame, memo.caller_depth)
-    return (
-        caller is not None
-        and caller.f_code is memo.caller_code
-        and caller.f_lasti == memo.caller_lasti
-    )
-
-
 _NOWHERE: Where = (None, None)
 
 
@@ -361,8 +352,20 @@ def where_for(key: object, skip: int = 1) -> Where:
     memo = _memos.get(key)
     if memo is not None:
         if memo.in_parent:
-            if _same_in_parent(memo):
-                return memo.where
+            # The parent greenlet's stack (the asyncio task awaiting SQLAlchemy's greenlet):
+            # walked from the frame where it switched, as `_locate` found the memo's frames.
+            parent = _getcurrent().parent
+            frame = _up(parent.gr_frame, memo.depth) if parent is not None else None
+            if frame is not None and frame.f_code is memo.code and frame.f_lasti == memo.lasti:
+                if memo.caller_code is None:
+                    return memo.where
+                frame = _up(frame, memo.caller_depth)
+                if (
+                    frame is not None
+                    and frame.f_code is memo.caller_code
+                    and frame.f_lasti == memo.caller_lasti
+                ):
+                    return memo.where
         else:  # checked inline: this runs for nearly every statement
             depth = skip + 1 + memo.depth
             try:
