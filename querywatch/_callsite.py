@@ -26,6 +26,7 @@ __all__ = [
     "fallback_site",
     "forget",
     "location",
+    "memo_of",
     "project_root",
     "set_project_root",
     "source_line",
@@ -315,6 +316,9 @@ _MAX_MEMOS = 4096
 #: distinct long statements (inlined literals, big expanded IN lists) pin megabytes each.
 _MAX_MEMO_KEY_LENGTH = 10_000
 _memos: dict[object, _Memo] = {}
+#: The memo of a key, if any: for the statement hook, which inlines `where_for`'s memo check.
+#: A memo's `depth` counts from the frame that called `where_for`'s caller.
+memo_of = _memos.get
 
 
 def forget(key: object) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from sys import _getframe
 from time import perf_counter
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from querywatch import _guard
-from querywatch._callsite import Where, where_for
+from querywatch._callsite import Where, memo_of, where_for
 from querywatch._collection import FOLD_EVERY, Collector, current_unit
 from querywatch._engines import Instrumentation
 from querywatch._guard import internal_error
@@ -170,7 +171,26 @@ def attach(handle: Instrumentation, engine: Engine) -> None:
                         fast = context.execute_style is not _INSERTMANYVALUES
                     except AttributeError:
                         fast = False
-                    where = where_for(statement)
+                    # `where_for(statement)`'s memo check, inlined (it runs for nearly every
+                    # statement): the frames found last time, still at the same depths, in the
+                    # same code at the same instructions. Anything else asks `where_for`.
+                    memo = memo_of(statement)
+                    where: Where | None = None
+                    if memo is not None and not memo.in_parent:
+                        try:
+                            frame = _getframe(memo.depth + 1)
+                            if frame.f_code is memo.code and frame.f_lasti == memo.lasti:
+                                code = memo.caller_code
+                                if code is None:
+                                    where = memo.where
+                                else:
+                                    frame = _getframe(memo.depth + 1 + memo.caller_depth)
+                                    if frame.f_code is code and frame.f_lasti == memo.caller_lasti:
+                                        where = memo.where
+                        except ValueError:
+                            pass
+                    if where is None:
+                        where = where_for(statement)
                     if fast and not _guard.injected_faults:
                         pending = collector.pending
                         pending.append((statement, parameters, t0, seconds, source, where, txn))
