@@ -6,8 +6,8 @@ findings, `error` for pool timeouts and lazy loads after close. `Settings.log_re
 which requests log `querywatch.request`. A finding is logged once per route per
 `Settings.log_finding_interval` (60 s by default): an N+1 on a busy endpoint is one event a
 minute, carrying `repeats` (the requests that found it and did not log it), not one per
-request; metrics count every one. Units that are not HTTP requests (`watch()`) log every
-finding, with `unit=<name>` instead of route and request id.
+request; metrics count every one. Jobs (`watch()`) are limited the same way per job name, and
+log with `unit=<name>` instead of route and request id; tests log every finding.
 """
 
 from __future__ import annotations
@@ -107,8 +107,12 @@ def _log_report(report: Report) -> None:
         context = {**_context(report), **_extra_fields(report)}
         max_sql = settings.max_sql_length
         interval = settings.log_finding_interval
-        if http is not None and interval > 0:
+        if interval > 0 and http is not None:
             due = _due(http.route, findings, interval)
+        elif interval > 0 and report.kind == "job":
+            # A job name run as often as a route (a unit per queue message) is limited the
+            # same way; tests log every finding (see `forget_logged_findings`).
+            due = _due(f"<job> {report.name}", findings, interval)
         else:
             due = [(finding, 0) for finding in findings]
         for finding, repeats in due:
@@ -176,8 +180,9 @@ _MAX_LOGGED = 4096
 
 
 def _due(route: str, findings: tuple[Finding, ...], interval: float) -> list[tuple[Finding, int]]:
-    """The findings of a request to `route` to log now, each with the number of requests that
-    found it since it was last logged for this route (`Settings.log_finding_interval`)."""
+    """The findings of a request to `route` (or a job: `<job> name`) to log now, each with the
+    number of units that found it since it was last logged for it
+    (`Settings.log_finding_interval`)."""
     now = time.monotonic()
     due: list[tuple[Finding, int]] = []
     with _last_logged_lock:

@@ -107,7 +107,8 @@ class Settings:
             "Seconds before a finding logged for a route is logged again for that route: the "
             "requests in between count it (metrics, the `querywatch.request` counts of any "
             "request that is logged) but do not log it, and its next event says how many "
-            "did not (`repeats`). Jobs and tests log every finding. 0: log every one."
+            "did not (`repeats`). Jobs are limited the same way per job name; tests log "
+            "every finding. 0: log every one."
         ),
     )
     log_parameters: bool = field(

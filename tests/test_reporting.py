@@ -194,10 +194,40 @@ async def test_interval_zero_logs_every_request_finding(web_library: sa.Engine, 
     assert len(_requests(logs)) == 3
 
 
-def test_jobs_log_every_finding(file_engine: sa.Engine, logs: Logs) -> None:
-    """`watch()` units log each of their findings, however often the same one recurs."""
+def test_a_job_logs_a_repeated_finding_once_per_interval(
+    file_engine: sa.Engine, logs: Logs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job name run again and again (a unit per queue message) logs the same finding once
+    per `log_finding_interval`, the next event counting the runs in between."""
+    clock = _Clock()
+    monkeypatch.setattr(_reporting, "time", clock)
+    for advance in (0, 10, 10, 60):
+        clock.now += advance
+        with querywatch.watch("consume-order"):
+            leaked = file_engine.connect()
+            leaked.exec_driver_sql("SELECT 1")
+        leaked.close()
+    leaks = [e for e in logs.events() if e["event"] == "querywatch.connection_leak"]
+    assert [e.get("repeats") for e in leaks] == [None, 2]
+    assert leaks[0]["unit"] == "consume-order"
+
+
+def test_other_jobs_log_their_findings_on_their_own(file_engine: sa.Engine, logs: Logs) -> None:
+    """Jobs of other names each log the finding they share: the interval is per job name."""
+    for name in ("import-authors", "import-books"):
+        with querywatch.watch(name):
+            leaked = file_engine.connect()
+            leaked.exec_driver_sql("SELECT 1")
+        leaked.close()
+    leaks = [e for e in logs.events() if e["event"] == "querywatch.connection_leak"]
+    assert [e["unit"] for e in leaks] == ["import-authors", "import-books"]
+
+
+def test_test_units_log_every_finding(file_engine: sa.Engine, logs: Logs) -> None:
+    """Units of kind `test` (the pytest plugin's, `querywatch.testing`'s) log each finding,
+    however often the same one recurs."""
     for _ in range(2):
-        with querywatch.watch("nightly-import"):
+        with querywatch.watch("test_import", kind="test"):
             leaked = file_engine.connect()
             leaked.exec_driver_sql("SELECT 1")
         leaked.close()
