@@ -1279,7 +1279,12 @@ def close_unit(
             # them (parameter examples of lazy loads come from the shapes): the fold,
             # which builds the shapes, is left to whoever reads them (`Report.fingerprints`,
             # `query_rows`, ...; the reporters by default need only durations).
-            if collector.parent is None and not collector.counted and not collector.lazy:
+            if (
+                collector.parent is None
+                and not collector.counted
+                and not collector.lazy
+                and len(pending) <= collector.max_shapes  # beyond, the fold keeps no shape
+            ):
                 collector.unfolded = _unrepeated(pending)
             if collector.unfolded is None:
                 collector.fold()

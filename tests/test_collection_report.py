@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
 import querywatch
+from querywatch import Settings
 from querywatch._collection import STATEMENT_BUCKETS
 from querywatch.middleware import QueryWatchMiddleware
 from tests.models import Author, create_schema, seed
@@ -47,6 +48,20 @@ def test_durations_of_unrepeated_statements_are_the_folded_ones(sqlite_engine: s
     }
     assert sorted(report.shape_durations, key=lambda d: d.operation) == unfolded
     assert report.other_pool_durations == ()
+
+
+def test_durations_beyond_max_shapes_are_the_folded_ones(sqlite_engine: sa.Engine) -> None:
+    """A unit of more distinct statements than `max_shapes` reports the durations of the shapes
+    it keeps, whether its shapes were read first or not."""
+    with (
+        querywatch.watch("many", settings=Settings(max_shapes=2)) as report,
+        sqlite_engine.connect() as conn,
+    ):
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t (x) VALUES (1)")
+        conn.exec_driver_sql("SELECT x FROM t")
+    assert [sum(d.buckets) for d in report.shape_durations] == [1, 1]
+    assert len(report.fingerprints) == 2
 
 
 def test_other_pool_durations_are_empty_on_one_engine(sqlite_engine: sa.Engine) -> None:
