@@ -7,9 +7,10 @@ metrics (an attribute we set on it), so a fresh copy of this module (a test fixt
 from `sys.modules`, then it was imported again) finds and reuses them too. Finished units of
 work are recorded by one process-wide reporter: a request into the metrics of the middleware
 that served it (none when that app was set up without metrics), any other unit into every live
-`QueryWatchMetrics`. Per-request work is a few cached child lookups, and statement durations
-arrive pre-bucketed from the collector (one increment per non-empty bucket, not one observation
-per statement).
+`QueryWatchMetrics`. Per-request work is a few cached child lookups and, in one process, direct
+writes of the histograms' values under one lock per unit; statement durations arrive
+pre-bucketed from the collector (one increment per non-empty bucket, not one observation per
+statement).
 
 Pool metrics: in a single process a custom collector reads each pool's state and counters at
 scrape time (no work per checkout). Under `PROMETHEUS_MULTIPROC_DIR` the scrape runs in one
@@ -237,6 +238,7 @@ class QueryWatchMetrics:
         if not report.settings.enabled:
             return
         http = report.http
+        statements, db_seconds = report.statements, report.db_seconds
         durations = report.shape_durations
         others = report.other_pool_durations
         # In one process, the histograms' values are written directly, under one lock per
@@ -252,8 +254,8 @@ class QueryWatchMetrics:
                         _writable(self.request_db_statements.labels(*key)),
                         _writable(self.request_db_seconds.labels(*key)),
                     )
-                _observe(children[0], report.statements)
-                _observe(children[1], report.db_seconds)
+                _observe(children[0], statements)
+                _observe(children[1], db_seconds)
             else:
                 # Never the unit's name: a test id or a job name is one label value per test
                 # or job, without bound. The kind is a fixed, small set.
