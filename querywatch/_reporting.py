@@ -104,8 +104,6 @@ def _log_report(report: Report) -> None:
     http = report.http
     logged = 0
     if findings or timeouts:
-        context = {**_context(report), **_extra_fields(report)}
-        max_sql = settings.max_sql_length
         interval = settings.log_finding_interval
         if interval > 0 and http is not None:
             due = _due(http.route, findings, interval)
@@ -115,18 +113,21 @@ def _log_report(report: Report) -> None:
             due = _due(f"<job> {report.name}", findings, interval)
         else:
             due = [(finding, 0) for finding in findings]
-        for finding, repeats in due:
-            _log_finding(finding, context, max_sql, repeats)
         logged = len(due)
-        if timeouts:
-            _logger.error(
-                "querywatch.pool_timeout",
-                **context,
-                kind="pool_timeout",
-                timeouts=timeouts,
-                pool_wait_ms=round(usage.wait_seconds * 1000, 3),
-                pool_checkouts=usage.checkouts,
-            )
+        if logged or timeouts:  # the context only for events that are logged
+            context = {**_context(report), **_extra_fields(report)}
+            max_sql = settings.max_sql_length
+            for finding, repeats in due:
+                _log_finding(finding, context, max_sql, repeats)
+            if timeouts:
+                _logger.error(
+                    "querywatch.pool_timeout",
+                    **context,
+                    kind="pool_timeout",
+                    timeouts=timeouts,
+                    pool_wait_ms=round(usage.wait_seconds * 1000, 3),
+                    pool_checkouts=usage.checkouts,
+                )
     if http is None:
         return
     policy = settings.log_requests

@@ -45,8 +45,21 @@ def finding_id(kind: str, subject: str, callsite: str | None) -> str:
     """A stable 12-hex-digit id for a finding: the same problem in the same function, same
     id. Line numbers are left out, so that an edit elsewhere in the file keeps the id (and the
     baselines and allowlists that use it)."""
+    key = (kind, subject, callsite)
+    known = _finding_ids.get(key)
+    if known is not None:  # the same finding on every request of a route
+        return known
     raw = f"{kind}\x00{subject}\x00{stable_site(callsite)}".encode("utf-8", "replace")
-    return hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:12]
+    made = hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:12]
+    if len(_finding_ids) >= _MAX_FINDING_IDS:
+        _finding_ids.clear()
+    _finding_ids[key] = made
+    return made
+
+
+#: (kind, subject, call site) -> finding id, for findings that recur; bounded.
+_finding_ids: dict[tuple[str, str, str | None], str] = {}
+_MAX_FINDING_IDS = 4096
 
 
 class _ParameterRepr(reprlib.Repr):

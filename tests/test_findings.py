@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import querywatch.findings as findings_module
 from querywatch.findings import (
     BulkWriteFinding,
     ConnectionLeakFinding,
@@ -161,3 +162,21 @@ def test_kinds_named_elsewhere_are_the_classes_kinds() -> None:
     )
     assert tuple(cls.kind for cls in failing) == KINDS
     assert set(FINDING_KINDS) == {cls.kind for cls in (*failing, StaleAllowlistFinding)}
+
+
+def test_a_remembered_finding_id_is_the_one_worked_out_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding ids are remembered per kind, subject and call site: a remembered id is the one
+    worked out afresh, and ids of other functions or subjects stay apart."""
+    monkeypatch.setattr(findings_module, "_finding_ids", {})
+    site = "app.py:10 in list_authors"
+    first = finding_id("n_plus_one", "Author.books", site)
+    remembered = finding_id("n_plus_one", "Author.books", site)
+    other_line = finding_id("n_plus_one", "Author.books", "app.py:12 in list_authors")
+    other_function = finding_id("n_plus_one", "Author.books", "app.py:30 in show_author")
+    other_subject = finding_id("n_plus_one", "Book.author", site)
+    monkeypatch.setattr(findings_module, "_finding_ids", {})
+    afresh = finding_id("n_plus_one", "Author.books", site)
+    assert first == remembered == afresh == other_line  # line numbers are not part of it
+    assert len({first, other_function, other_subject}) == 3
