@@ -247,44 +247,54 @@ def capture(skip: int = 1) -> str | None:
 
 #: Frames looked through beyond a call site for the user code that called it.
 _MAX_CALLER_DEPTH = 64
-#: Packages that call user code as a framework does (an event loop, a server, a router, a
-#: thread pool, a test runner): a function they called has no caller worth naming. The next user
-#: frame out is the program's entry point (`uvicorn.run(app)`, `asyncio.run(main())`, a test
-#: driving an app), whatever the function is.
-_DISPATCHERS = frozenset(
-    ("asyncio", "anyio", "starlette", "fastapi", "uvicorn", "hypercorn", "concurrent", "trio",
-     "_pytest", "pluggy")
+#: Code that calls user code as a framework does (an event loop running a task, a server, a
+#: router, a dependency injector, a thread pool, a test runner): a function it called has no
+#: caller worth naming, the next user frame out being the program's entry point
+#: (`uvicorn.run(app)`, `asyncio.run(main())`, a test driving an app). By module: these
+#: packages as a whole, and asyncio's and concurrent.futures' running machinery (not, say,
+#: `asyncio.wait_for`, which awaits the caller's coroutine in place, nor a package of that name
+#: inside another, like `sqlalchemy.ext.asyncio`).
+_DISPATCHER_PACKAGES = frozenset(
+    ("anyio", "starlette", "fastapi", "uvicorn", "hypercorn", "trio", "_pytest", "pluggy")
+)
+_DISPATCHER_MODULES = frozenset(
+    ("asyncio.events", "asyncio.base_events", "asyncio.runners", "concurrent.futures.thread",
+     "concurrent.futures.process")
 )  # fmt: skip
 _is_dispatcher_code: dict[CodeType, bool] = {}
 
 
-def _dispatcher(code: CodeType) -> bool:
-    """Whether `code` is a framework's that calls user code (see `_DISPATCHERS`), decided once
-    per code object."""
+def _dispatcher(frame: FrameType) -> bool:
+    """Whether `frame` runs a framework's code that calls user code (see
+    `_DISPATCHER_PACKAGES`), decided once per code object."""
+    code = frame.f_code
     dispatcher = _is_dispatcher_code.get(code)
     if dispatcher is None:
-        parts = os.path.normcase(code.co_filename).replace("\\", "/").split("/")
-        dispatcher = any(part in _DISPATCHERS for part in parts[-4:-1])
+        module = frame.f_globals.get("__name__")
+        module = module if isinstance(module, str) else ""
+        dispatcher = (
+            module.partition(".")[0] in _DISPATCHER_PACKAGES or module in _DISPATCHER_MODULES
+        )
         if len(_is_dispatcher_code) < _MAX_CACHED_CODES:
             _is_dispatcher_code[code] = dispatcher
     return dispatcher
 
 
-def _caller_of(frame: FrameType) -> tuple[FrameType | None, int]:
+def _caller_of(frame: FrameType) -> tuple[FrameType | None, int, bool]:
     """The next user frame outwards from the user frame `frame` (the code that called the
-    function holding the call site), and its distance from `frame`; (None, 0) if there is none,
-    or if a framework called the function (an endpoint, a task, a test)."""
+    function holding the call site), its distance from `frame`, and True; or, when a framework
+    called the function (an endpoint, a task, a test), the framework's frame, its distance and
+    False (a memo checks that it is still there); (None, 0, False) when there is neither."""
     caller = frame.f_back
     distance = 1
     while caller is not None and distance <= _MAX_CALLER_DEPTH:
-        code = caller.f_code
-        if not _is_library(code):
-            return caller, distance
-        if _dispatcher(code):
-            return None, 0
+        if not _is_library(caller.f_code):
+            return caller, distance, True
+        if _dispatcher(caller):
+            return caller, distance, False
         caller = caller.f_back
         distance += 1
-    return None, 0
+    return None, 0, False
 
 
 #: A call site and the user line that called its function: `(site, caller or None)`.
@@ -299,16 +309,27 @@ class _Memo:
                  "lasti", "where")  # fmt: skip
 
     def __init__(
-        self, depth: int, in_parent: bool, found: FrameType, caller: FrameType | None, distance: int
+        self,
+        depth: int,
+        in_parent: bool,
+        found: FrameType,
+        caller: FrameType | None,
+        distance: int,
+        named: bool,
     ) -> None:
         self.depth = depth
         self.in_parent = in_parent
         self.code = found.f_code
         self.lasti = found.f_lasti
+        # The caller's frame, or the framework's that called the function: checked either way,
+        # so that the same function called directly from user code is not taken for this.
         self.caller_depth = distance
         self.caller_code = caller.f_code if caller is not None else None
         self.caller_lasti = caller.f_lasti if caller is not None else -1
-        self.where: Where = (format_frame(found), format_frame(caller) if caller else None)
+        self.where: Where = (
+            format_frame(found),
+            format_frame(caller) if caller is not None and named else None,
+        )
 
 
 _MAX_MEMOS = 4096
@@ -386,8 +407,8 @@ def where_for(key: object, skip: int = 1) -> Where:
     if found is None:
         site = fallback()
         return (site, None) if site is not None else _NOWHERE
-    caller, distance = _caller_of(found)
-    memo = _Memo(depth, in_parent, found, caller, distance)
+    caller, distance, named = _caller_of(found)
+    memo = _Memo(depth, in_parent, found, caller, distance, named)
     if type(key) is str and len(key) > _MAX_MEMO_KEY_LENGTH:
         return memo.where
     if len(_memos) >= _MAX_MEMOS:

@@ -606,6 +606,24 @@ class Collector:
                 c.db_counted += seconds
                 c._fold(batch, False)
 
+    def unfolded_statements(self) -> list[tuple[str, str, float]] | None:
+        """`unfolded`, while it still describes every statement of the unit: not folded since,
+        and nothing recorded after it was made (a statement of another thread that passed the
+        hook's `active` check as the unit ended). Read under the lock."""
+        unfolded = self.unfolded
+        if unfolded is None or self.counted or len(self.pending) != len(unfolded):
+            return None
+        return unfolded
+
+    def fold_for_reading(self) -> None:
+        """`fold()` for a reader of the shapes (a `Report` property): what it cannot fold is an
+        internal error, counted and logged, never raised into the code reading the report."""
+        if self.pending:
+            try:
+                self.fold()
+            except Exception as exc:
+                internal_error("collector", exc)
+
     def _fold(self, pending: list[Pending], innermost: bool) -> None:
         # Consecutive executions of one statement from one place in one transaction (the body
         # of a loop) form a run: its shape, site, counters and the state its reads see are
@@ -806,13 +824,17 @@ _ONE_IN_BUCKET = tuple(
 def _unrepeated(pending: list[Pending]) -> list[tuple[str, str, float]] | None:
     """(pool, operation, seconds) of each statement of `pending`, when no two share a shape;
     else None. Every shape-based finding (N+1, duplicates, bulk writes) needs a shape run
-    twice, so a unit of such statements alone has nothing to detect in them."""
+    twice, so a unit of such statements alone has nothing to detect in them. Their bound
+    values stay with the unit until its report is dropped or its shapes are read: an
+    executemany batch (its rows) makes it None, and is folded at close."""
     seen: set[str] = set()
     unrepeated: list[tuple[str, str, float]] = []
     last_source: Any = None
     cache: dict[str, StatementShape] = {}
     dialect: str | None = None
     for entry in pending:
+        if type(entry[1]) is list:  # an executemany batch: folded, not kept with its rows
+            return None
         statement, source = entry[0], entry[4]
         if source is not last_source:
             last_source = source
@@ -1075,7 +1097,7 @@ class Report:
     def query_rows(self) -> tuple[tuple[str, str, float, str, str | None], ...]:
         """`queries` as plain tuples `(fingerprint, operation, seconds, pool, callsite)`: the
         same statements without a `Query` object each (for reporters that keep them)."""
-        self._c.fold()
+        self._c.fold_for_reading()
         return tuple(
             (fingerprint, operation, seconds, pool, callsite)
             for fingerprint, operation, run, pool, callsite in self._c.queries
@@ -1085,7 +1107,7 @@ class Report:
     @property
     def fingerprints(self) -> dict[str, int]:
         """Executions per statement shape (shapes beyond `Settings.max_shapes` are not listed)."""
-        self._c.fold()
+        self._c.fold_for_reading()
         return {fp: shape.count for fp, shape in self._c.shapes.items()}
 
     @property
@@ -1159,8 +1181,8 @@ class Report:
         """Statement durations per shape that ran in this unit itself (a nested unit's
         statements are its own), for duration histograms."""
         c = self._c
-        if c.pending:
-            unfolded = c.unfolded
+        with c.lock:  # not while another thread folds: its shapes would be half made
+            unfolded = c.unfolded_statements()
             if unfolded is not None:  # one shape per statement: each its own durations
                 return tuple(
                     frozen(
@@ -1172,29 +1194,29 @@ class Report:
                     )
                     for pool, operation, seconds in unfolded
                 )
-            c.fold()
-        return tuple(
-            frozen(
-                ShapeDurations,
-                pool=shape.pool,
-                operation=shape.operation,
-                buckets=tuple(shape.buckets),
-                seconds=shape.bucket_seconds,
+            c.fold_for_reading()
+            return tuple(
+                frozen(
+                    ShapeDurations,
+                    pool=shape.pool,
+                    operation=shape.operation,
+                    buckets=tuple(shape.buckets),
+                    seconds=shape.bucket_seconds,
+                )
+                for shape in c.shapes.values()
+                if shape.bucket_seconds or any(shape.buckets)
             )
-            for shape in c.shapes.values()
-            if shape.bucket_seconds or any(shape.buckets)
-        )
 
     @property
     def other_pool_durations(self) -> tuple[StatementDuration, ...]:
         """Statements of this unit whose shape was first seen on another pool: their pool,
         operation and duration, one by one (`shape_durations` counts the others)."""
         c = self._c
-        if c.pending:
-            if c.unfolded is not None:  # one shape per statement, each first seen on its pool
+        with c.lock:
+            if c.unfolded_statements() is not None:  # one shape per statement, on its own pool
                 return ()
-            c.fold()
-        return tuple(StatementDuration(*entry) for entry in c.other_pool_durations)
+            c.fold_for_reading()
+            return tuple(StatementDuration(*entry) for entry in c.other_pool_durations)
 
     @property
     def lazy_loads(self) -> dict[str, int]:
@@ -1283,13 +1305,17 @@ def close_unit(
                 collector.parent is None
                 and not collector.counted
                 and not collector.lazy
+                and not collector.settings.log_parameters  # examples come from the fold
                 and len(pending) <= collector.max_shapes  # beyond, the fold keeps no shape
             ):
-                collector.unfolded = _unrepeated(pending)
+                with collector.lock:
+                    collector.unfolded = _unrepeated(pending)
             if collector.unfolded is None:
                 collector.fold()
     except Exception as exc:
         internal_error("collector", exc)
+        collector.unfolded = None
+        collector.fold_for_reading()
     for component, finish in _finishers:  # connections still out are leaks, found first
         try:
             finish(collector)

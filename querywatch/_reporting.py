@@ -106,11 +106,12 @@ def _log_report(report: Report) -> None:
     if findings or timeouts:
         interval = settings.log_finding_interval
         if interval > 0 and http is not None:
-            due = _due(http.route, findings, interval)
+            due = _due(_last_logged, http.route, findings, interval)
         elif interval > 0 and report.kind == "job":
             # A job name run as often as a route (a unit per queue message) is limited the
-            # same way; tests log every finding (see `forget_logged_findings`).
-            due = _due(f"<job> {report.name}", findings, interval)
+            # same way, in a memory of its own (job names may be many: `watch(f"order-{id}")`
+            # must not push the routes out); tests log every finding.
+            due = _due(_last_logged_jobs, report.name, findings, interval)
         else:
             due = [(finding, 0) for finding in findings]
         logged = len(due)
@@ -173,28 +174,35 @@ def _log_report(report: Report) -> None:
     getattr(_logger, worst)("querywatch.request", **fields)
 
 
-#: (route, finding id) -> [when it was last logged (monotonic), repeats not logged since].
+#: (route, finding id) -> [when it was last logged (monotonic), repeats not logged since]; the
+#: same per (job name, finding id) for jobs.
 _last_logged: dict[tuple[str, str], list[Any]] = {}
+_last_logged_jobs: dict[tuple[str, str], list[Any]] = {}
 _last_logged_lock = threading.Lock()
 #: (route, finding) pairs remembered; beyond, the memory starts afresh (each logs once more).
 _MAX_LOGGED = 4096
 
 
-def _due(route: str, findings: tuple[Finding, ...], interval: float) -> list[tuple[Finding, int]]:
-    """The findings of a request to `route` (or a job: `<job> name`) to log now, each with the
-    number of units that found it since it was last logged for it
+def _due(
+    memory: dict[tuple[str, str], list[Any]],
+    route: str,
+    findings: tuple[Finding, ...],
+    interval: float,
+) -> list[tuple[Finding, int]]:
+    """The findings of a request to `route` (or of the job named so) to log now, each with the
+    number of units that found it since it was last logged for it, as `memory` remembers
     (`Settings.log_finding_interval`)."""
     now = time.monotonic()
     due: list[tuple[Finding, int]] = []
     with _last_logged_lock:
-        if len(_last_logged) >= _MAX_LOGGED:
-            _last_logged.clear()
+        if len(memory) >= _MAX_LOGGED:
+            memory.clear()
         for finding in findings:
             key = (route, finding.id)
-            last = _last_logged.get(key)
+            last = memory.get(key)
             if last is None or now - last[0] >= interval:
                 due.append((finding, last[1] if last is not None else 0))
-                _last_logged[key] = [now, 0]
+                memory[key] = [now, 0]
             else:
                 last[1] += 1
     return due
@@ -205,6 +213,7 @@ def forget_logged_findings() -> None:
     plugin calls this before each test)."""
     with _last_logged_lock:
         _last_logged.clear()
+        _last_logged_jobs.clear()
 
 
 def _log_finding(finding: Finding, context: dict[str, Any], max_sql: int, repeats: int = 0) -> None:

@@ -51,15 +51,17 @@ def finding_id(kind: str, subject: str, callsite: str | None) -> str:
         return known
     raw = f"{kind}\x00{subject}\x00{stable_site(callsite)}".encode("utf-8", "replace")
     made = hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:12]
-    if len(_finding_ids) >= _MAX_FINDING_IDS:
-        _finding_ids.clear()
-    _finding_ids[key] = made
+    if len(subject) <= _MAX_REMEMBERED_SUBJECT:  # a fingerprint may be long: not kept
+        if len(_finding_ids) >= _MAX_FINDING_IDS:
+            _finding_ids.clear()
+        _finding_ids[key] = made
     return made
 
 
 #: (kind, subject, call site) -> finding id, for findings that recur; bounded.
 _finding_ids: dict[tuple[str, str, str | None], str] = {}
 _MAX_FINDING_IDS = 4096
+_MAX_REMEMBERED_SUBJECT = 1000
 
 
 class _ParameterRepr(reprlib.Repr):

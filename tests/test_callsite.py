@@ -128,3 +128,20 @@ def test_frames_outwards_are_the_stacks_own() -> None:
 
     for found, expected in nested(30):
         assert found is expected
+
+
+def test_a_function_called_directly_after_a_framework_called_it_names_its_caller() -> None:
+    """The same function, run as a task first and then awaited by user code, names that user
+    code as its caller the second time: what a framework called is remembered as such."""
+
+    async def endpoint() -> Where:
+        return where_for("callsite-test-both", 0)
+
+    async def main() -> Where:
+        return await endpoint()
+
+    line = _line(-2)  # `return await endpoint()`
+    _, by_framework = asyncio.run(endpoint())
+    _, by_user = asyncio.run(main())
+    assert by_framework is None
+    assert by_user == f"tests/test_callsite.py:{line} in main"

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
 import querywatch
-from querywatch import Settings
+from querywatch import Settings, _guard
 from querywatch._collection import STATEMENT_BUCKETS
 from querywatch.middleware import QueryWatchMiddleware
 from tests.models import Author, create_schema, seed
@@ -62,6 +62,28 @@ def test_durations_beyond_max_shapes_are_the_folded_ones(sqlite_engine: sa.Engin
         conn.exec_driver_sql("SELECT x FROM t")
     assert [sum(d.buckets) for d in report.shape_durations] == [1, 1]
     assert len(report.fingerprints) == 2
+
+
+class _Unhashable:
+    """A bound value whose hash fails with an error SQLAlchemy's drivers never raise."""
+
+    def __hash__(self) -> int:
+        raise ValueError("no hash for this value")
+
+    def __conform__(self, protocol: object) -> int:  # sqlite3 binds it as 1
+        return 1
+
+
+def test_a_fold_that_fails_after_the_unit_ended_never_raises(sqlite_engine: sa.Engine) -> None:
+    """Reading the shapes of an ended unit whose fold was left to the readers, when that fold
+    fails: an internal error, counted, and the reader gets what could be folded."""
+    _guard.raise_internal_errors = False
+    before = _guard.internal_error_counts().get("collector", 0)
+    with querywatch.watch("odd value") as report, sqlite_engine.connect() as conn:
+        conn.exec_driver_sql("SELECT ?", (_Unhashable(),))
+    assert report.statements == 1
+    assert report.fingerprints == {"select ?": 1}  # what the fold made before it failed
+    assert _guard.internal_error_counts().get("collector", 0) == before + 1
 
 
 def test_other_pool_durations_are_empty_on_one_engine(sqlite_engine: sa.Engine) -> None:
