@@ -220,7 +220,6 @@ class QueryWatchMetrics:
         #: Taken by `record` for the histograms it writes directly (see there).
         self._lock = threading.Lock()
         self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._statement_children: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
         #: open unit -> lazy loads per phase already counted by units nested in it
         self._nested_lazy: weakref.WeakKeyDictionary[Report, dict[str, int]] = (
@@ -251,8 +250,8 @@ class QueryWatchMetrics:
                 children = self._request_children.get(key)
                 if children is None:
                     children = self._request_children[key] = (
-                        _writable(self.request_db_statements.labels(*key)),
-                        _writable(self.request_db_seconds.labels(*key)),
+                        self._child(self.request_db_statements, *key),
+                        self._child(self.request_db_seconds, *key),
                     )
                 _observe(children[0], statements)
                 _observe(children[1], db_seconds)
@@ -263,10 +262,10 @@ class QueryWatchMetrics:
             # Shapes count the durations of the statements of this (innermost) unit per
             # bucket: one write per non-empty bucket, not one observation per statement.
             for shape in durations:
-                child = self._statement_child(shape.pool, shape.operation)
+                child = self._child(self.statement_duration, shape.pool, shape.operation)
                 _add_bucketed(child, shape.buckets, shape.seconds)
             for statement in others:
-                child = self._statement_child(statement.pool, statement.operation)
+                child = self._child(self.statement_duration, statement.pool, statement.operation)
                 _observe(child, statement.seconds)
         reported = report.findings_to_report()
         if reported:
@@ -300,18 +299,11 @@ class QueryWatchMetrics:
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered (label values are route templates, pools and
-        other small sets)."""
+        other small sets); a histogram's as `_writable` gives it."""
         key = (metric, *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def _statement_child(self, pool: str, operation: str) -> Any:
-        key = (pool, operation)
-        child = self._statement_children.get(key)
-        if child is None:
-            child = self._statement_children[key] = _writable(self.statement_duration.labels(*key))
+            child = self._children[key] = _writable(metric.labels(*labels))
         return child
 
     # -- pools ------------------------------------------------------------------------------
