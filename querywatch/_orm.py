@@ -35,7 +35,7 @@ from sqlalchemy.orm import attributes
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from querywatch import _callsite, _guard
-from querywatch._collection import Collector, LazyGroup, current_unit
+from querywatch._collection import Collector, LazyGroup, Pending, current_unit
 from querywatch._engines import instrumented_engines
 from querywatch._guard import internal_error, maybe_fail
 from querywatch.findings import LazyLoadAfterCloseFinding, finding_id
@@ -131,11 +131,19 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(exc.orig, MissingGreenlet):
                 _record_after_close(collector, self, state, key, exc.orig)
             raise
-        with lock:
-            ran = collector.counted + len(collector.pending) - statements
+        own: Pending | None = None
+        with lock:  # no fold meanwhile (other threads may still append)
+            pending = collector.pending
+            position = statements - collector.counted  # of the first statement of the load
+            ran = len(pending) - position
+            if ran == 1 and position >= 0:
+                # The one statement recorded during the load, by position: appended in order
+                # and only taken out by a fold, so this is it even if other threads have
+                # appended since (`pending[-1]` may be theirs).
+                own = pending[position]
         if ran:
             try:
-                _record_load(collector, self, state, key, expired, ran, t0)
+                _record_load(collector, self, state, key, expired, ran, t0, own)
             except Exception as exc:
                 internal_error("orm", exc)
         return result
@@ -174,11 +182,18 @@ def _describe(impl: Any, state: Any, key: str) -> tuple[Any, str, str]:
 
 
 def _record_load(
-    collector: Collector, impl: Any, state: Any, key: str, expired: bool, ran: int, t0: float
+    collector: Collector,
+    impl: Any,
+    state: Any,
+    key: str,
+    expired: bool,
+    ran: int,
+    t0: float,
+    own: Pending | None = None,
 ) -> None:
     """One attribute load that ran SQL (`ran` statements were recorded in the unit while it
-    ran, by this thread and any other writing the same unit): credit it to its relationship
-    (or model) and call site."""
+    ran, by this thread and any other writing the same unit; `own`, the pending entry of the
+    one statement when it was one): credit it to its relationship (or model) and call site."""
     if _guard.injected_faults:
         maybe_fail("orm")
     described = _described.get((impl, state.class_))
@@ -189,17 +204,15 @@ def _record_load(
     statement: str | None = None
     callsite: str | None = None
     dialect: Any = None
-    if ran == 1 and pending:
+    if own is not None:
         # The load's own SELECT, just recorded with its call site: the same user line that
-        # touched the attribute, so no second stack walk. Only when it is the one statement
-        # recorded meanwhile: with other threads writing the unit, the last entry may be theirs.
-        last = pending[-1]
-        seconds: float = last[3]
-        statement, callsite, dialect = last[0], last[5][0], last[4][1]
-    elif 0 < ran <= len(pending):
+        # touched the attribute, so no second stack walk.
+        seconds: float = own[3]
+        statement, callsite, dialect = own[0], own[5][0], own[4][1]
+    elif 1 < ran <= len(pending):
         # The load's database time: its statements' while they are still pending.
         seconds = sum([entry[3] for entry in pending[-ran:]])
-    else:  # some of them were folded already: the wall time of the load
+    else:  # folded already: the wall time of the load
         seconds = perf_counter() - t0
     if callsite is None:
         callsite = _callsite.capture(1)
