@@ -131,19 +131,19 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(exc.orig, MissingGreenlet):
                 _record_after_close(collector, self, state, key, exc.orig)
             raise
-        own: Pending | None = None
+        recorded: list[Pending] | None = None
         with lock:  # no fold meanwhile (other threads may still append)
             pending = collector.pending
             position = statements - collector.counted  # of the first statement of the load
             ran = len(pending) - position
-            if ran == 1 and position >= 0:
-                # The one statement recorded during the load, by position: appended in order
-                # and only taken out by a fold, so this is it even if other threads have
-                # appended since (`pending[-1]` may be theirs).
-                own = pending[position]
+            if ran and position >= 0:
+                # The statements recorded during the load, by position: appended in order and
+                # only taken out by a fold, so these are they even if other threads have
+                # appended since (the last `ran` entries may be theirs).
+                recorded = pending[position : position + ran]
         if ran:
             try:
-                _record_load(collector, self, state, key, expired, ran, t0, own)
+                _record_load(collector, self, state, key, expired, recorded, t0)
             except Exception as exc:
                 internal_error("orm", exc)
         return result
@@ -187,33 +187,31 @@ def _record_load(
     state: Any,
     key: str,
     expired: bool,
-    ran: int,
+    recorded: list[Pending] | None,
     t0: float,
-    own: Pending | None = None,
 ) -> None:
-    """One attribute load that ran SQL (`ran` statements were recorded in the unit while it
-    ran, by this thread and any other writing the same unit; `own`, the pending entry of the
-    one statement when it was one): credit it to its relationship (or model) and call site."""
+    """One attribute load that ran SQL: credit it to its relationship (or model) and call site.
+    `recorded`: the statements recorded in the unit while it ran, by this thread and any other
+    writing the same unit; None when some were folded already."""
     if _guard.injected_faults:
         maybe_fail("orm")
     described = _described.get((impl, state.class_))
     if described is None:
         described = _describe(impl, state, key)
     prop, subject, name = described
-    pending = collector.pending
     statement: str | None = None
     callsite: str | None = None
     dialect: Any = None
-    if own is not None:
+    if recorded is None:  # folded already: the wall time of the load
+        seconds = perf_counter() - t0
+    elif len(recorded) == 1:
         # The load's own SELECT, just recorded with its call site: the same user line that
         # touched the attribute, so no second stack walk.
-        seconds: float = own[3]
+        own = recorded[0]
+        seconds = own[3]
         statement, callsite, dialect = own[0], own[5][0], own[4][1]
-    elif 1 < ran <= len(pending):
-        # The load's database time: its statements' while they are still pending.
-        seconds = sum([entry[3] for entry in pending[-ran:]])
-    else:  # folded already: the wall time of the load
-        seconds = perf_counter() - t0
+    else:  # the load's database time: its statements'
+        seconds = sum([entry[3] for entry in recorded])
     if callsite is None:
         callsite = _callsite.capture(1)
     if prop is None:
